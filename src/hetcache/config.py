@@ -1,0 +1,105 @@
+"""HetCacheConfig: every knob of the method in one validated dataclass (DESIGN sections 2-5)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SELECTION_STRATEGIES = ("kmeans_attention", "kmeans", "attention", "uniform", "random")
+
+# Budgets (fractions of dense FLOPs) of the two presets: the FLOPs ratios reported for HetCache-slow and
+# HetCache-fast in the HetCache paper (arXiv 2603.24260). Solving the plan from a budget keeps their cost
+# predictable on checkpoints nobody calibrated a threshold for.
+SLOW_BUDGET = 0.42
+FAST_BUDGET = 0.33
+
+
+@dataclass
+class HetCacheConfig:
+    """How HetCache plans steps and picks tokens.
+
+    Exactly one of `plan`, `budget` and `delta` decides the step plan (in that order of precedence); with none of
+    them the `slow` budget is used.
+
+    - `delta`, `kappa`: accumulated step distance below `delta` reuses, below `kappa * delta` computes PARTIAL,
+      otherwise FULL.
+    - `plan`: one letter per denoising step (`F`, `P`, `R`), overriding the thresholds.
+    - `budget`: target fraction of dense FLOPs in (0, 1]; the smallest `delta` meeting it is solved once the mask
+      is known.
+    - `warmup_steps`, `max_reuse`, `refresh_every`: guards of the plan (first steps FULL, at most `max_reuse`
+      REUSE in a row, a FULL at least every `refresh_every` computed steps). The last step is always FULL.
+    - `margin` (tokens), `temporal_margin` (latent frames), `gen_threshold`: the token partition.
+    - `margin_ratio`, `context_ratio`: the shares of margin and context tokens recomputed by a PARTIAL step.
+    - `selection`, `kmeans_clusters`, `kmeans_iters`: how context tokens are chosen at FULL steps.
+    - `ema_alpha`: 0 replaces cached rows of non-generative tokens with fresh ones; alpha > 0 blends
+      `alpha * old + (1 - alpha) * new`.
+    - `cache_dtype`: dtype of the K/V buffers and the residual (default: the model's dtype).
+    - `seed`: seeds k-means initialisation and the `random` strategy.
+    """
+
+    delta: float | None = None
+    kappa: float = 1.5
+    plan: str | None = None
+    budget: float | None = None
+    warmup_steps: int = 2
+    max_reuse: int = 3
+    refresh_every: int = 4
+    margin: int = 3
+    temporal_margin: int = 0
+    gen_threshold: float = 0.0
+    margin_ratio: float = 0.7
+    context_ratio: float = 0.05
+    selection: str = "kmeans_attention"
+    kmeans_clusters: int = 16
+    kmeans_iters: int = 8
+    ema_alpha: float = 0.0
+    cache_dtype: torch.dtype | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.plan is not None:
+            self.plan = self.plan.strip().upper()
+            if not self.plan or set(self.plan) - set("FPR"):
+                raise ValueError(f"plan must be letters F, P and R, got {self.plan!r}")
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.delta is not None and self.delta < 0:
+            raise ValueError(f"delta must be >= 0, got {self.delta}")
+        if self.plan is None and self.budget is None and self.delta is None:
+            self.budget = SLOW_BUDGET
+        if self.kappa < 1.0:
+            raise ValueError(f"kappa must be >= 1, got {self.kappa}")
+        for name in ("warmup_steps", "margin", "temporal_margin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_reuse", "refresh_every", "kmeans_clusters", "kmeans_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("margin_ratio", "context_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.gen_threshold < 1.0:
+            raise ValueError(f"gen_threshold must be in [0, 1), got {self.gen_threshold}")
+        if not 0.0 <= self.ema_alpha < 1.0:
+            raise ValueError(f"ema_alpha must be in [0, 1), got {self.ema_alpha}")
+        if self.selection not in SELECTION_STRATEGIES:
+            raise ValueError(f"selection must be one of {', '.join(SELECTION_STRATEGIES)}, got {self.selection!r}")
+
+    @classmethod
+    def slow(cls, **overrides: Any) -> HetCacheConfig:
+        """HetCache-slow: a plan costing at most 42 % of dense FLOPs."""
+        return cls(budget=SLOW_BUDGET, **overrides)
+
+    @classmethod
+    def fast(cls, **overrides: Any) -> HetCacheConfig:
+        """HetCache-fast: a plan costing at most 33 % of dense FLOPs."""
+        return cls(budget=FAST_BUDGET, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (dtypes as strings)."""
+        out = dataclasses.asdict(self)
+        out["cache_dtype"] = None if self.cache_dtype is None else str(self.cache_dtype).removeprefix("torch.")
+        return out
