@@ -4,22 +4,34 @@
     hetcache.enable(pipe, hetcache.HetCacheConfig.fast())
     frames = pipe(video=video, mask=mask, prompt="...").frames[0]
     print(hetcache.stats(pipe).plan)
+
+The public names load on first use, so `import hetcache` (and the CLI's help and input checks) stays fast.
 """
 
-from hetcache.api import disable, enable, plan_for, reset, set_mask, stats
-from hetcache.config import HetCacheConfig
-from hetcache.engine import HetCacheStats
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from hetcache.errors import UserError
 
-__all__ = [
-    "HetCacheConfig",
-    "HetCacheStats",
-    "UserError",
-    "disable",
-    "enable",
-    "plan_for",
-    "reset",
-    "set_mask",
-    "stats",
-]
+_LAZY = {
+    "HetCacheConfig": "hetcache.config",
+    "HetCacheStats": "hetcache.engine",
+    "disable": "hetcache.api",
+    "enable": "hetcache.api",
+    "plan_for": "hetcache.api",
+    "reset": "hetcache.api",
+    "set_mask": "hetcache.api",
+    "stats": "hetcache.api",
+    "method_config": "hetcache.methods",
+}
+
+__all__ = ["UserError", *sorted(_LAZY)]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hetcache' has no attribute {name!r}")

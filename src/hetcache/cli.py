@@ -1,0 +1,305 @@
+"""The `hetcache` command line: `edit` a masked region of a video, or run the built-in `demo`.
+
+The commands only parse options, call `video` and `pipeline`, and report. Any `UserError` ends the command
+with one `error: ...` line on stderr and exit code 2, as do typer's own usage errors.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import av
+import click
+import numpy as np
+import typer
+from tqdm import tqdm
+
+from hetcache import video as vio
+from hetcache.errors import UserError
+from hetcache.pipeline import (
+    DEFAULT_MODEL,
+    TINY_RANDOM,
+    check_prompt,
+    load_pipeline,
+    resolve_device,
+    resolve_dtype,
+    run_edit,
+)
+
+USER_ERROR_EXIT = 2
+DEMO_PROMPT = "an empty road"
+
+
+class _Group(typer.core.TyperGroup):
+    """Turns a UserError from any command into one stderr line and exit code 2 (also under CliRunner)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            message = " ".join(str(error).split())
+            typer.echo(f"error: {message}", err=True)
+            ctx.exit(USER_ERROR_EXIT)
+
+
+app = typer.Typer(
+    cls=_Group,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fast masked video editing with Wan2.1-VACE.",
+)
+
+
+@dataclass
+class EditRequest:
+    """Everything one edit needs, shared by `edit` and `demo`."""
+
+    video: Path
+    mask: Path | None
+    box: str | None
+    prompt: str
+    output: Path
+    side_by_side: Path | None
+    negative_prompt: str = ""
+    model: str = DEFAULT_MODEL
+    steps: int = 50
+    frames: int | None = None
+    stride: int = 1
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    guidance: float = 5.0
+    device: str = "auto"
+    dtype: str = "auto"
+    crf: int = 18
+    lossless: bool = False
+    composite: bool = True
+
+
+def run_request(request: EditRequest) -> None:
+    """Prepare inputs, load the model, edit, write the outputs and print the summary."""
+    check_prompt(request.prompt)
+    outputs = [request.output] + ([request.side_by_side] if request.side_by_side is not None else [])
+    for path in outputs:
+        if path.is_dir():
+            raise UserError(f"output {path} is a folder: give a file name such as {path / 'out.mp4'}")
+    if len({path.resolve() for path in outputs}) < len(outputs):
+        raise UserError(f"--side-by-side and -o are both {request.output}: give them different paths")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
+        prepared = vio.prepare_inputs(
+            request.video,
+            request.mask,
+            box=request.box,
+            height=request.height,
+            width=request.width,
+            frames=request.frames,
+            stride=request.stride,
+        )
+    for note in prepared.notes:
+        typer.echo(f"note: {note}", err=True)
+    device = resolve_device(request.device)
+    dtype = resolve_dtype(request.dtype, device)
+    num_frames, height, width = prepared.mask.shape
+
+    start = time.perf_counter()
+    pipe = load_pipeline(request.model, device, dtype, height=height, width=width)
+    load_s = time.perf_counter() - start
+
+    with tqdm(total=request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+        result = run_edit(
+            pipe,
+            prepared.video,
+            prepared.mask,
+            request.prompt,
+            negative_prompt=request.negative_prompt,
+            steps=request.steps,
+            guidance=request.guidance,
+            seed=request.seed,
+            progress=lambda done, total: bar.update(done - bar.n),
+        )
+    frames = vio.composite(prepared.video, result.frames, prepared.mask) if request.composite else result.frames
+
+    written = [_write(request.output, frames, prepared.fps, request)]
+    if request.side_by_side is not None:
+        panel = vio.side_by_side(prepared.video, prepared.mask, frames)
+        written.append(_write(request.side_by_side, panel, prepared.fps, request))
+
+    timings = {"load": load_s, **result.timings}
+    kept = "composited into the original outside the mask" if request.composite else "raw model output"
+    lines = [
+        f"input    {_describe_source(request.video)} -> {width}x{height} x {num_frames} frames at {prepared.fps:g} fps",
+        f"model    {request.model}, {result.steps} steps, guidance {request.guidance:g}, seed {request.seed}, "
+        f"{device.type}/{str(dtype).removeprefix('torch.')}",
+        "time     " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items()),
+        f"output   {written[0]} ({kept})",
+    ]
+    if len(written) > 1:
+        lines.append(f"side     {written[1]} (input | mask | output)")
+    typer.echo("\n".join(lines))
+
+
+def _write(path: Path, frames: np.ndarray, fps: float, request: EditRequest) -> Path:
+    try:
+        return vio.write_video(path, frames, fps, crf=request.crf, lossless=request.lossless)
+    except OSError as error:
+        reason = error.strerror or error
+        raise UserError(f"cannot write {path}: {reason}: check the folder and its permissions") from None
+
+
+def _describe_source(path: Path) -> str:
+    """'path (854x480, 222 frames, 30 fps)' from the container header, or just the path if it has none."""
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            parts = [f"{stream.width}x{stream.height}"]
+            parts += [f"{stream.frames} frames"] if stream.frames else []
+            parts += [f"{float(rate):g} fps"] if rate else []
+            return f"{path} ({', '.join(parts)})"
+    except (av.FFmpegError, OSError, ValueError, IndexError):
+        return str(path)
+
+
+def _side_by_side_path(output: Path, side_by_side: Path | None, no_side_by_side: bool) -> Path | None:
+    if no_side_by_side and side_by_side is not None:
+        raise UserError("--side-by-side and --no-side-by-side conflict: give one of them")
+    if no_side_by_side:
+        return None
+    return side_by_side or output.with_name(f"{output.stem}_side_by_side.mp4")
+
+
+@app.command()
+def edit(
+    video: Annotated[Path, typer.Argument(help="Input video file, folder of frames, or image.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What the masked region should show.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output mp4.")],
+    mask: Annotated[Path | None, typer.Option(help="Mask video, folder or image (white = generate).")] = None,
+    box: Annotated[
+        str | None, typer.Option(help="Box to generate instead of a mask: x0,y0,x1,y1 in source pixels.")
+    ] = None,
+    negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
+    model: Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")] = DEFAULT_MODEL,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
+    frames: Annotated[int | None, typer.Option(help="Frames to edit (4k+1); default as many as fit, up to 81.")] = None,
+    stride: Annotated[int, typer.Option(min=1, help="Take every stride-th source frame.")] = 1,
+    height: Annotated[int | None, typer.Option(help="Model height (multiple of 16); default from the source.")] = None,
+    width: Annotated[int | None, typer.Option(help="Model width (multiple of 16); default from the source.")] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 turns it off).")] = 5.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    crf: Annotated[int, typer.Option(min=0, max=51, help="H.264 quality (lower is better).")] = 18,
+    lossless: Annotated[
+        bool, typer.Option("--lossless", help="Write lossless RGB H.264 (exact pixels, less portable).")
+    ] = False,
+    composite: Annotated[
+        bool, typer.Option("--composite/--no-composite", help="Keep the original pixels outside the mask.")
+    ] = True,
+    side_by_side: Annotated[
+        Path | None, typer.Option(help="Input | mask | output video; default OUT_side_by_side.mp4.")
+    ] = None,
+    no_side_by_side: Annotated[
+        bool, typer.Option("--no-side-by-side", help="Do not write the side-by-side video.")
+    ] = False,
+) -> None:
+    """Regenerate the masked region of VIDEO as PROMPT describes."""
+    run_request(
+        EditRequest(
+            video=video,
+            mask=mask,
+            box=box,
+            prompt=prompt,
+            output=output,
+            side_by_side=_side_by_side_path(output, side_by_side, no_side_by_side),
+            negative_prompt=negative_prompt,
+            model=model,
+            steps=steps,
+            frames=frames,
+            stride=stride,
+            height=height,
+            width=width,
+            seed=seed,
+            guidance=guidance,
+            device=device,
+            dtype=dtype,
+            crf=crf,
+            lossless=lossless,
+            composite=composite,
+        )
+    )
+
+
+def demo_clip(frames: int = 17, height: int = 128, width: int = 224) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic road scene and its mask: a red car drives left to right; the mask follows it with a margin.
+
+    Returns uint8 [F, H, W, 3] and bool [F, H, W]. The sky is a vertical gradient and the road's texture and
+    lane marks scroll, so the background moves as well as the masked object.
+    """
+    y = np.arange(height)[:, None]
+    x = np.arange(width)[None, :]
+    horizon, lane_row = height // 2, (3 * height) // 4
+    shade = y[:horizon, :, None] / horizon
+    sky = np.concatenate([90 + 100 * shade, 150 + 60 * shade, np.full_like(shade, 235.0)], axis=-1)
+    car_h, car_w, margin = height // 6, width // 6, 6
+    car_top = horizon + 4
+    video = np.empty((frames, height, width, 3), dtype=np.uint8)
+    mask = np.zeros((frames, height, width), dtype=bool)
+    for f in range(frames):
+        video[f] = (70 + 20 * ((x + 3 * f) // 8 % 2))[..., None]
+        video[f, :horizon] = sky
+        video[f][(np.abs(y - lane_row) < 2) & ((x + 6 * f) % 32 < 16)] = 230
+        left = 8 + (width - car_w - 16) * f // max(frames - 1, 1)
+        video[f, car_top : car_top + car_h, left : left + car_w] = (200, 30, 30)
+        top, bottom = max(car_top - margin, 0), car_top + car_h + margin
+        mask[f, top:bottom, max(left - margin, 0) : left + car_w + margin] = True
+    return video, mask
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for input.mp4, mask.mp4, output.mp4 and side_by_side.mp4.")] = Path(
+        "demo_out"
+    ),
+    model: Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")] = TINY_RANDOM,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What the masked region should show.")] = DEMO_PROMPT,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 8,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+) -> None:
+    """Edit a synthetic clip made in code, end to end (a few seconds on a CPU with the tiny model)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder")
+    clip, mask = demo_clip()
+    fps = 8.0
+    source = vio.write_video(out / "input.mp4", clip, fps)
+    mask_path = vio.write_mask_video(out / "mask.mp4", mask, fps)
+    run_request(
+        EditRequest(
+            video=source,
+            mask=mask_path,
+            box=None,
+            prompt=prompt,
+            output=out / "output.mp4",
+            side_by_side=out / "side_by_side.mp4",
+            model=model,
+            steps=steps,
+            seed=seed,
+            guidance=guidance,
+            device=device,
+            dtype=dtype,
+        )
+    )
+
+
+def main() -> None:
+    """Console-script entry point (`hetcache`). UserErrors end as one line and exit code 2 (see `_Group`)."""
+    app(prog_name="hetcache")

@@ -1,0 +1,418 @@
+"""Load a Wan2.1-VACE pipeline (hub id, local folder or a tiny offline model) and run one masked edit.
+
+The edit goes through the stock `WanVACEPipeline.__call__`; the stage timings come from a forward pre-hook on the
+transformer and from `callback_on_step_end`, so no pipeline code is copied and diffusers upgrades keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanVACEPipeline,
+    WanVACETransformer3DModel,
+)
+from huggingface_hub import constants as hub_constants
+from PIL import Image
+from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from hetcache.errors import UserError
+
+TINY_RANDOM = "tiny-random"
+DEFAULT_MODEL = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
+
+# Longest prompt the real UMT5 text encoder of Wan2.1 is used with.
+MAX_SEQUENCE_LENGTH = 512
+
+# The tiny tokenizer's word list: enough for prompts such as "an empty road", while single letters keep any
+# other lowercase text tokenisable (anything else becomes <unk>).
+_TINY_WORDS = (
+    "a an the of and in on with to is at by from empty road street car cars person people tree trees sky "
+    "building house water grass field city night day snow rain blue red green white black moving background"
+).split()
+_TINY_TEXT_LENGTH = 16
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_HUB_PROBE_TIMEOUT_S = 10.0
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def _tiny_tokenizer() -> T5Tokenizer:
+    """A T5 unigram tokenizer built from an in-code vocabulary (no file, no download)."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    vocab += [("\u2581" + word, -2.0) for word in _TINY_WORDS]
+    vocab += [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=_TINY_TEXT_LENGTH)
+
+
+def build_tiny_random_pipeline(
+    seed: int = 0, *, num_layers: int = 3, vace_layers: tuple[int, ...] = (0, 2)
+) -> WanVACEPipeline:
+    """A WanVACEPipeline with tiny random weights, built offline in float32 on the CPU.
+
+    Its output is noise-like: it checks the plumbing (shapes, masks, scheduler, I/O, hooks), not the quality.
+    The same seed gives the same weights; the global RNG is left untouched. The rope table is as long as the
+    real model's, so 480x832 at 81 frames still fits.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = _tiny_tokenizer()
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer),
+                d_model=32,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=32,
+                feed_forward_proj="gated-gelu",
+                is_encoder_decoder=False,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+        transformer = WanVACETransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=32,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=num_layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=1024,
+            vace_layers=list(vace_layers),
+            vace_in_channels=96,
+        )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    pipe = WanVACEPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+    for module in (text_encoder, vae, transformer):
+        module.eval()
+    return pipe
+
+
+def default_flow_shift(height: int, width: int) -> float:
+    """The UniPC flow shift of the official Wan2.1 recipe: 3.0 for the 480p class, 5.0 for 720p and above.
+
+    The recipe names only 480x832 and 720x1280; other sizes go to the class nearer by pixel area, so the cut-off
+    is the midpoint of the two areas, 660,480 pixels (e.g. 544x960 is 480p, 624x1104 and 720x1280 are 720p).
+    """
+    cutoff = (480 * 832 + 720 * 1280) / 2
+    return 5.0 if height * width >= cutoff else 3.0
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """Parse a device name; "auto" (or None) picks CUDA when available, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} requested but CUDA is not available: use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {device!r} requested but MPS is not available: use --device cpu")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+def resolve_dtype(dtype: str | None, device: torch.device | str) -> torch.dtype:
+    """Parse a dtype name; "auto" (or None) is bfloat16 on CUDA and float32 elsewhere."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r}: use auto, {', '.join(_DTYPES)}") from None
+
+
+def load_pipeline(
+    model: str = DEFAULT_MODEL,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    *,
+    height: int = 480,
+    width: int = 832,
+) -> WanVACEPipeline:
+    """Load a WanVACEPipeline from `tiny-random`, a local folder (from save_pretrained) or a hub id.
+
+    The VAE stays in float32 (the official recipe); the text encoder and transformer use `dtype`. The scheduler
+    is UniPC with the flow shift for the output size (`default_flow_shift`). A hub id is looked up in the local
+    cache first, then with a single short online attempt, so an offline machine fails fast instead of retrying.
+    """
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device)
+
+    if model == TINY_RANDOM:
+        pipe = build_tiny_random_pipeline()
+        if torch_dtype != torch.float32:
+            pipe.text_encoder.to(torch_dtype)
+            _cast_keeping_fp32_modules(pipe.transformer, torch_dtype)
+    else:
+        folder = Path(model).expanduser()
+        if folder.exists():
+            _check_pipeline_folder(folder)
+            pipe = _load_folder(folder, torch_dtype)
+        elif _HUB_ID.match(model):
+            pipe = _load_from_hub(model, torch_dtype)
+        else:
+            raise UserError(
+                f"unknown model {model!r}: pass {TINY_RANDOM}, a local pipeline folder, "
+                f"or a hub id such as {DEFAULT_MODEL}"
+            )
+    pipe.scheduler = UniPCMultistepScheduler.from_config(
+        pipe.scheduler.config, flow_shift=default_flow_shift(height, width)
+    )
+    return pipe.to(torch_device)
+
+
+def _cast_keeping_fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast as `from_pretrained(dtype=...)` does: the model's `_keep_in_fp32_modules` stay in float32, untouched."""
+    keep = set(model._keep_in_fp32_modules or ())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not keep.intersection(name.split(".")):
+            tensor.data = tensor.data.to(dtype)
+
+
+def _check_pipeline_folder(folder: Path) -> None:
+    index = folder / "model_index.json"
+    what = f"{str(folder)!r} is not a diffusers WanVACE pipeline folder"
+    if not index.is_file():
+        raise UserError(f"{what} (no model_index.json): pass a folder written by save_pretrained or a hub id")
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{what} (unreadable model_index.json): pass a folder written by save_pretrained") from None
+    if class_name != "WanVACEPipeline":
+        raise UserError(f"{what} (it holds a {class_name}): pass a WanVACEPipeline folder")
+
+
+def _load_pretrained(source: str, dtype: torch.dtype, **kwargs) -> WanVACEPipeline:
+    """The one loading path for folders and hub ids: VAE in float32, the rest in `dtype` (`dtype=` is the
+    spelling diffusers 0.42 prefers over the deprecated `torch_dtype=`)."""
+    with warnings.catch_warnings():
+        # diffusers 0.42 still passes an argument that huggingface_hub 1.x+ ignores; the warning means nothing here.
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+        vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", dtype=torch.float32, **kwargs)
+        return WanVACEPipeline.from_pretrained(source, vae=vae, dtype=dtype, **kwargs)
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> WanVACEPipeline:
+    try:
+        return _load_pretrained(str(folder), dtype)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load the pipeline in {str(folder)!r}: {_first_line(error)}") from None
+
+
+def _load_from_hub(model: str, dtype: torch.dtype) -> WanVACEPipeline:
+    try:
+        return _load_pretrained(model, dtype, local_files_only=True)
+    except (OSError, ValueError):
+        pass  # not (fully) cached: try the hub once below
+    unreachable = (
+        f"model {model!r} was not found locally and the hub is unreachable: pass a local folder with --model PATH "
+        f"(download it on a machine with internet: hf download {model} --local-dir DIR)"
+    )
+    if hub_constants.HF_HUB_OFFLINE or not _hub_reachable():
+        raise UserError(unreachable)
+    try:
+        return _load_pretrained(model, dtype)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load model {model!r} from the hub: {_first_line(error)}") from None
+
+
+def _hub_reachable() -> bool:
+    """One quick request to the hub endpoint (honours HF_ENDPOINT and proxy variables), with no retries.
+
+    Any HTTP answer means the hub is reachable; only a failed connection or a timeout means it is not. This keeps
+    an offline machine from sitting through huggingface_hub's retry back-off.
+    """
+    try:
+        request = urllib.request.Request(hub_constants.ENDPOINT, method="HEAD")
+        with urllib.request.urlopen(request, timeout=_HUB_PROBE_TIMEOUT_S):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@dataclass
+class EditResult:
+    """The raw model output of one edit (no compositing) and where its time went.
+
+    `timings` (seconds): "encode" (text and VAE encoding, up to the first denoiser call), "denoise" (first
+    denoiser call to the end of the last step), "decode" (VAE decode and postprocessing) and "total"; callers
+    add "load".
+    """
+
+    frames: np.ndarray
+    timings: dict[str, float]
+    steps: int
+    height: int
+    width: int
+    num_frames: int
+
+
+def run_edit(
+    pipe: WanVACEPipeline,
+    video: np.ndarray,
+    mask: np.ndarray,
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    steps: int = 50,
+    guidance: float = 5.0,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    latents: torch.Tensor | None = None,
+) -> EditResult:
+    """Regenerate the masked region of `video` (uint8 [F,H,W,3]) where `mask` (bool [F,H,W]) is True.
+
+    Sizes are taken from the arrays and must already fit the model (see `fit_error`). `progress(done, total)`
+    is called after every denoising step; the pipeline's own progress bar is hidden during the call. The
+    pipeline is left as it was (hooks removed, progress bar setting restored).
+    """
+    check_prompt(prompt)
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
+    problem = fit_error(pipe, video, mask)
+    if problem:
+        raise UserError(problem)
+    num_frames, height, width = mask.shape
+
+    device = pipe._execution_device
+    generator = torch.Generator("cpu" if device.type == "mps" else device).manual_seed(seed)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    marks: dict[str, float] = {}
+
+    def on_first_denoiser_call(module: torch.nn.Module, args: tuple) -> None:
+        if "denoise_start" not in marks:
+            sync()
+            marks["denoise_start"] = time.perf_counter()
+
+    def on_step_end(pipeline: WanVACEPipeline, step: int, timestep: torch.Tensor, tensors: dict) -> dict:
+        sync()
+        marks["denoise_end"] = time.perf_counter()
+        if progress is not None:
+            progress(step + 1, steps)
+        return {}
+
+    frames_in = [Image.fromarray(frame) for frame in video]
+    mask_rgb = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
+    masks_in = [Image.fromarray(frame) for frame in mask_rgb]
+
+    had_bar_config = hasattr(pipe, "_progress_bar_config")
+    bar_config = getattr(pipe, "_progress_bar_config", None)
+    pipe.set_progress_bar_config(**(bar_config or {}), disable=True)
+    handle = pipe.transformer.register_forward_pre_hook(on_first_denoiser_call)
+    try:
+        sync()
+        start = time.perf_counter()
+        output = pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            video=frames_in,
+            mask=masks_in,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+            latents=latents,
+            output_type="np",
+            callback_on_step_end=on_step_end,
+            max_sequence_length=_max_sequence_length(pipe),
+        ).frames[0]
+        frames = (np.clip(output, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        end = time.perf_counter()
+    finally:
+        handle.remove()
+        if had_bar_config:
+            pipe._progress_bar_config = bar_config
+        else:
+            del pipe._progress_bar_config
+
+    timings = {
+        "encode": marks["denoise_start"] - start,
+        "denoise": marks["denoise_end"] - marks["denoise_start"],
+        "decode": end - marks["denoise_end"],
+        "total": end - start,
+    }
+    return EditResult(
+        frames=frames, timings=timings, steps=steps, height=height, width=width, num_frames=num_frames
+    )
+
+
+def check_prompt(prompt: str) -> None:
+    """Reject an empty or blank prompt (checked before a slow model load, and again by `run_edit`)."""
+    if not prompt or not prompt.strip():
+        raise UserError("the prompt is empty: describe what the masked region should show with --prompt")
+
+
+def fit_error(pipe: WanVACEPipeline, video: np.ndarray, mask: np.ndarray) -> str | None:
+    """Why `video` and `mask` cannot go into `pipe` unchanged, or None when they fit.
+
+    Height and width must be multiples of the VAE stride times the patch size (16 for Wan), and the frame count
+    must be 4k+1 (the causal VAE keeps frame 0 and folds the rest in groups of 4).
+    """
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        return f"video must be uint8 [frames, height, width, 3], got {video.dtype} {list(video.shape)}"
+    if mask.dtype != np.bool_ or mask.shape != video.shape[:3]:
+        return f"mask must be bool {list(video.shape[:3])}, got {mask.dtype} {list(mask.shape)}"
+    num_frames, height, width = mask.shape
+    spatial = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+    temporal = pipe.vae_scale_factor_temporal
+    if height % spatial or width % spatial or height == 0 or width == 0:
+        return f"size {width}x{height} does not fit the model: width and height must be positive multiples of {spatial}"
+    if num_frames % temporal != 1:
+        return f"{num_frames} frames do not fit the model: the frame count must be {temporal}k+1 (e.g. 9, 17, 81)"
+    return None
+
+
+def _max_sequence_length(pipe: WanVACEPipeline) -> int:
+    """512 text tokens for the real encoder, fewer when the tokenizer declares a shorter limit (tiny models)."""
+    return min(MAX_SEQUENCE_LENGTH, int(pipe.tokenizer.model_max_length))

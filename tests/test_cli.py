@@ -1,0 +1,162 @@
+"""The `hetcache` command line end to end with the tiny model, and how bad input ends (exit 2, one line)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hetcache.cli import app, demo_clip
+from hetcache.video import prepare_inputs, read_frames
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = ["--model", "tiny-random", "--steps", "2", "--device", "cpu"]
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, expected: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "driving.mp4").exists(), reason="needs the shared driving clip")
+def test_edit_driving_clip_writes_9_frames_of_224x128(tmp_path):
+    out = tmp_path / "out.mp4"
+    result = invoke(
+        "edit", SHARED_DATA / "driving.mp4", "--mask", SHARED_DATA / "driving_mask.mp4", "--prompt", "an empty road",
+        "--frames", "9", "--height", "128", "--width", "224", "-o", out, *TINY,
+    )
+    assert result.exit_code == 0, result.output
+    assert read_frames(out).frames.shape == (9, 128, 224, 3)
+    assert read_frames(tmp_path / "out_side_by_side.mp4").frames.shape == (9, 128, 3 * 224, 3)
+    assert "224x128 x 9 frames" in result.stdout
+    assert "note: the mask is 832x480 but the video 854x480" in result.stderr
+    assert "denoising" in result.stderr
+
+
+def test_edit_composites_into_the_original_outside_the_mask(clip_files, tmp_path):
+    video, mask = clip_files
+    out = tmp_path / "out.mp4"
+    result = invoke("edit", video, "--mask", mask, "-p", "an empty road", "-o", out, "--lossless", *TINY)
+    assert result.exit_code == 0, result.output
+    prepared = prepare_inputs(video, mask)
+    written = read_frames(out).frames
+    assert written.shape == prepared.video.shape
+    np.testing.assert_array_equal(written[~prepared.mask], prepared.video[~prepared.mask])
+    assert not np.array_equal(written[prepared.mask], prepared.video[prepared.mask])
+
+
+def test_no_composite_keeps_the_raw_output(clip_files, tmp_path):
+    video, mask = clip_files
+    out = tmp_path / "raw.mp4"
+    result = invoke(
+        "edit", video, "--mask", mask, "-p", "a road", "-o", out, "--lossless", "--no-composite", "--no-side-by-side",
+        *TINY,
+    )
+    assert result.exit_code == 0, result.output
+    prepared = prepare_inputs(video, mask)
+    assert not np.array_equal(read_frames(out).frames[~prepared.mask], prepared.video[~prepared.mask])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "mask.mp4", "raw.mp4"]
+
+
+def test_box_mask_and_side_by_side_path(clip_files, tmp_path):
+    video, _ = clip_files
+    side = tmp_path / "panel.mp4"
+    result = invoke(
+        "edit", video, "--box", "8,4,40,28", "-p", "a road", "-o", tmp_path / "o.mp4", "--side-by-side", side, *TINY
+    )
+    assert result.exit_code == 0, result.output
+    assert read_frames(side).frames.shape == (9, 32, 3 * 64, 3)
+
+
+def test_demo_writes_its_four_videos(tmp_path):
+    result = invoke("demo", "--out", tmp_path / "demo", "--steps", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    clip, _ = demo_clip()
+    for name in ("input.mp4", "mask.mp4", "output.mp4"):
+        assert read_frames(tmp_path / "demo" / name).frames.shape == clip.shape
+    assert read_frames(tmp_path / "demo" / "side_by_side.mp4").frames.shape == (17, 128, 3 * 224, 3)
+    assert "tiny-random, 2 steps" in result.stdout
+
+
+def test_demo_clip_mask_follows_the_moving_car():
+    video, mask = demo_clip(frames=5, height=32, width=64)
+    assert video.dtype == np.uint8 and mask.dtype == np.bool_
+    assert video.shape == (5, 32, 64, 3) and mask.shape == (5, 32, 64)
+    red = (video[..., 0] == 200) & (video[..., 1] == 30)
+    assert red.any(axis=(1, 2)).all() and not (red & ~mask).any()
+    assert not np.array_equal(mask[0], mask[-1])
+
+
+GOOD = ["{video}", "--mask", "{mask}", "-p", "a road", "-o", "{tmp}/out.mp4", *TINY]
+WITHOUT_MASK = ["-p", "a road", "-o", "{tmp}/out.mp4", *TINY]
+BAD_INPUTS = {
+    "missing video": (["{tmp}/nope.mp4", "--mask", "{mask}", *WITHOUT_MASK], "not found"),
+    "corrupt video": (["{tmp}/corrupt.mp4", "--mask", "{mask}", *WITHOUT_MASK], "cannot read video"),
+    "zero frames": (["{tmp}/empty", "--mask", "{mask}", *WITHOUT_MASK], "holds no images"),
+    "unreadable mask": (["{video}", "--mask", "{tmp}/corrupt.mp4", *WITHOUT_MASK], "cannot read mask"),
+    "no mask": (["{video}", *WITHOUT_MASK], "exactly one mask"),
+    "mask and box": ([*GOOD, "--box", "0,0,8,8"], "exactly one mask"),
+    "bad box": (["{video}", "--box", "0,0,8", *WITHOUT_MASK], "four integers"),
+    "unknown model": ([*GOOD, "--model", "no-such-model"], "unknown model"),
+    "empty prompt": ([*GOOD, "-p", ""], "prompt is empty"),
+    "blank prompt": ([*GOOD, "-p", "  "], "prompt is empty"),
+    "height not x16": ([*GOOD, "--height", "40"], "multiple of 16"),
+    "frames not 4k+1": ([*GOOD, "--frames", "8"], "4k+1"),
+    "too many frames": ([*GOOD, "--frames", "13"], "the video has 9"),
+    "bad device": ([*GOOD, "--device", "gpu0"], "unknown device"),
+    "bad dtype": ([*GOOD, "--dtype", "int8"], "unknown dtype"),
+    "side-by-side twice": ([*GOOD, "--side-by-side", "{tmp}/s.mp4", "--no-side-by-side"], "conflict"),
+    "output is a folder": ([*GOOD, "-o", "{tmp}/empty"], "is a folder"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line(case, clip_files, tmp_path):
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00not a video" * 50)
+    (tmp_path / "empty").mkdir()
+    template, expected = BAD_INPUTS[case]
+    paths = {"video": clip_files[0], "mask": clip_files[1], "tmp": tmp_path}
+    assert_user_error(invoke("edit", *(arg.format(**paths) for arg in template)), expected)
+    assert not (tmp_path / "out.mp4").exists()
+
+
+USAGE_ERRORS = [
+    ["edit"],
+    ["edit", "v.mp4", "-o", "o.mp4"],
+    ["edit", "v.mp4", "-p", "x", "-o", "o.mp4", "--steps", "0"],
+    ["edit", "v.mp4", "-p", "x", "-o", "o.mp4", "--seed", "abc"],
+    ["nope"],
+]
+
+
+@pytest.mark.parametrize("args", USAGE_ERRORS)
+def test_usage_errors_exit_2(args):
+    assert runner.invoke(app, args).exit_code == 2
+
+
+def test_demo_out_that_is_a_file_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert_user_error(invoke("demo", "--out", tmp_path / "file"), "is a file")
+
+
+def test_console_script_prints_one_line_and_exits_2(tmp_path):
+    script = Path(sys.executable).with_name("hetcache")
+    done = subprocess.run(
+        [script, "edit", tmp_path / "missing.mp4", "--box", "0,0,8,8", "-p", "a road", "-o", tmp_path / "o.mp4"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: video not found"), done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
