@@ -207,10 +207,22 @@ def test_step_distances_polynomial_is_clamped():
     coefficients = (2.0, -1.0, 0.0)  # p(x) = 2x^2 - x: negative below x = 0.5
     rels = manual_rel(MODULATIONS)
     assert rels[0] < 0.5 < rels[2]
-    expected = [max(0.0, 2 * r * r - r) for r in rels]
+    capped = [min(r, 1.0) for r in rels]  # p peaks at x = 1 on [0, 1]
+    expected = [max(0.0, 2 * r * r - r) for r in capped]
     distances = step_distances(MODULATIONS, coefficients)
     assert distances[1:] == pytest.approx(expected, rel=1e-12)
     assert distances[1] == 0.0 and distances[3] > 0
+
+
+def test_step_distances_cap_rel_at_the_fit_peak():
+    """Past the peak of a TeaCache fit a larger change must not look smaller (nor negative)."""
+    coefficients = TEACACHE_WAN21_COEFFICIENTS["1.3B"]
+    base = torch.ones(1, 12, dtype=torch.float64)
+    small, large = base * 1.05, base * 1.5  # rel 0.05 (inside the fit) and 0.5 (far past its peak near 0.079)
+    d_small = step_distances(torch.cat([base, small]), coefficients)[1]
+    d_large = step_distances(torch.cat([base, large]), coefficients)[1]
+    assert d_small == pytest.approx(float(np.polyval(coefficients, 0.05)), rel=1e-9)
+    assert d_large > d_small and d_large == pytest.approx(0.2535, rel=1e-3)
 
 
 def test_step_distances_teacache_polynomial():

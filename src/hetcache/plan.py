@@ -73,19 +73,32 @@ def step_distances(modulations: torch.Tensor, coefficients: Sequence[float] | No
     """d_t for every step: d_0 = inf, d_t = max(0, p(mean|e_t - e_{t-1}| / mean|e_{t-1}|)).
 
     p is the polynomial with `coefficients` (highest degree first), the identity when None. It is clamped
-    at 0 so the accumulated distance never decreases. Computed in float64 on the host.
+    at 0 so the accumulated distance never decreases. A fitted polynomial is only meaningful up to its
+    maximum: past it (rel above about 0.08 for the Wan2.1 fits) it falls and turns negative, which would make
+    the largest changes look like no change and reuse them. So rel is capped where the polynomial peaks
+    (its largest value on [0, 1]). Computed in float64 on the host.
     """
     if modulations.shape[0] == 0:
         return []
     e = modulations.detach().to("cpu", torch.float64).reshape(modulations.shape[0], -1)
     change = (e[1:] - e[:-1]).abs().mean(dim=1).tolist()
     scale = e[:-1].abs().mean(dim=1).tolist()
+    peak = None if coefficients is None else _polynomial_peak(coefficients)
     distances = [math.inf]
     for c, s in zip(change, scale):
         rel = c / s if s > 0 else math.inf
-        d = rel if coefficients is None or math.isinf(rel) else _polynomial(coefficients, rel)
+        d = rel if coefficients is None or math.isinf(rel) else _polynomial(coefficients, min(rel, peak))
         distances.append(max(0.0, d))
     return distances
+
+
+def _polynomial_peak(coefficients: Sequence[float], samples: int = 100_000) -> float:
+    """Where p is largest on [0, 1]: the end of the range a TeaCache fit describes."""
+    grid = torch.linspace(0.0, 1.0, samples + 1, dtype=torch.float64)
+    values = torch.zeros_like(grid)
+    for coefficient in coefficients:
+        values = values * grid + coefficient
+    return float(grid[int(values.argmax())])
 
 
 def plan_from_distances(
