@@ -1,0 +1,179 @@
+"""One Wan block (main or VACE) on a subset of token rows, with a per-layer self-attention K/V buffer.
+
+Everything in a Wan block except self-attention's keys and values is per token: modulation, norms, Q/K/V
+projections, RoPE, cross-attention and the FFN. So a block can run on the selected rows S only, provided the
+queries of S attend to the keys and values of ALL N tokens. Those come from a buffer holding every token's K
+(after norm and RoPE) and V from the last step that computed them; the fresh rows of S are written into it
+before attention. With S = all tokens and an empty buffer this is exactly the stock block.
+
+The maths follows diffusers' `WanTransformerBlock.forward`, `WanVACETransformerBlock.forward` and
+`WanAttnProcessor` (diffusers 0.42), using the blocks' own sub-modules; attention goes through diffusers'
+`dispatch_attention_fn` so the user's attention backend is honoured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+
+@dataclass
+class RowRope:
+    """RoPE tables for the rows being computed: [1, n, 1, head_dim / 2] each, in float32."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def from_rotary_emb(cls, rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> RowRope:
+        """Half-size tables from diffusers' interleaved (cos, sin) pair; float32 instead of float64."""
+        freqs_cos, freqs_sin = rotary_emb
+        return cls(freqs_cos[..., 0::2].float().contiguous(), freqs_sin[..., 1::2].float().contiguous())
+
+    def rows(self, index: torch.Tensor | None) -> RowRope:
+        if index is None:
+            return self
+        return RowRope(self.cos.index_select(1, index), self.sin.index_select(1, index))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate interleaved pairs of `x` [B, n, heads, head_dim]."""
+        pairs = x.float().unflatten(-1, (-1, 2))
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+        out = torch.stack((x1 * self.cos - x2 * self.sin, x1 * self.sin + x2 * self.cos), dim=-1)
+        return out.flatten(-2).type_as(x)
+
+
+@dataclass
+class LayerKV:
+    """Self-attention keys and values of every token for one layer and one CFG branch: [B, N, heads, head_dim]."""
+
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.key, self.value) if t is not None)
+
+
+@dataclass
+class RowUpdate:
+    """Where the computed rows go in the buffers, and how they are blended."""
+
+    index: torch.Tensor | None  # sorted token indices of the rows; None = all tokens (a FULL step)
+    blend: torch.Tensor | None = None  # [n] float weight of the OLD value per row (EMA); None = replace
+    cache_dtype: torch.dtype | None = None
+
+
+def blend_rows(buffer: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor, blend: torch.Tensor | None,
+               old: torch.Tensor | None = None) -> None:
+    """buffer[:, index] = fresh, or blend * old + (1 - blend) * fresh per row when `blend` is given.
+
+    `old` defaults to the rows currently in the buffer.
+    """
+    fresh = fresh.to(buffer.dtype)
+    if blend is not None:
+        old = buffer.index_select(1, index) if old is None else old
+        weight = blend.view(1, -1, *([1] * (fresh.dim() - 2))).to(buffer.dtype)
+        fresh = torch.lerp(fresh, old, weight)
+    buffer.index_copy_(1, index, fresh)
+
+
+def text_key_value(attn: torch.nn.Module, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention keys and values of the text: step-invariant, so computed once per video and branch."""
+    if attn.add_k_proj is not None:
+        raise NotImplementedError("hetcache does not support image-conditioned (I2V) cross-attention")
+    if attn.fused_projections:
+        key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+    else:
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+    key = attn.norm_k(key)
+    return key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
+
+
+def _attend(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    out = dispatch_attention_fn(
+        query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=attn.processor._attention_backend
+    )
+    out = out.flatten(2, 3).type_as(query)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def _self_attention(
+    attn: torch.nn.Module,
+    x: torch.Tensor,
+    rope: RowRope,
+    kv: LayerKV,
+    update: RowUpdate,
+    probe: Callable[[torch.Tensor, torch.Tensor], None] | None,
+) -> torch.Tensor:
+    query, key, value = _get_qkv_projections(attn, x, None)
+    query = rope.apply(attn.norm_q(query).unflatten(2, (attn.heads, -1)))
+    key = rope.apply(attn.norm_k(key).unflatten(2, (attn.heads, -1)))
+    value = value.unflatten(2, (attn.heads, -1))
+    index, blend = update.index, update.blend
+    if index is None:
+        dtype = update.cache_dtype or key.dtype
+        kv.key, kv.value = key.to(dtype), value.to(dtype)
+    else:
+        # Attention sees the fresh rows; with EMA the blended rows are stored afterwards.
+        old = None if blend is None else (kv.key.index_select(1, index), kv.value.index_select(1, index))
+        blend_rows(kv.key, index, key, None)
+        blend_rows(kv.value, index, value, None)
+    if probe is not None:
+        probe(query, kv.key)
+    out = _attend(attn, query, kv.key.to(query.dtype), kv.value.to(query.dtype))
+    if index is not None and blend is not None:
+        blend_rows(kv.key, index, key, blend, old[0])
+        blend_rows(kv.value, index, value, blend, old[1])
+    return out
+
+
+def block_rows(
+    block: torch.nn.Module,
+    x: torch.Tensor,
+    temb: torch.Tensor,
+    rope: RowRope,
+    kv: LayerKV,
+    text_kv: tuple[torch.Tensor, torch.Tensor],
+    update: RowUpdate,
+    probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The body shared by main and VACE blocks, on rows `x` [B, n, dim]: self-attn, cross-attn, FFN.
+
+    `probe(query, keys)` sees this layer's queries of the rows and the keys of all tokens (after norm and RoPE);
+    the engine uses it in the last block to score context tokens.
+    """
+    shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table.to(temb.device) + temb.float()).chunk(6, 1)
+
+    normed = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+    attn_out = _self_attention(block.attn1, normed, rope, kv, update, probe)
+    x = (x.float() + attn_out * gate).type_as(x)
+
+    attn2 = block.attn2
+    normed = block.norm2(x.float()).type_as(x)
+    query = attn2.norm_q(attn2.to_q(normed)).unflatten(2, (attn2.heads, -1))
+    x = x + _attend(attn2, query, *text_kv)
+
+    normed = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+    ff_out = block.ffn(normed)
+    return (x.float() + ff_out.float() * c_gate).type_as(x)
+
+
+def vace_block_rows(
+    block: torch.nn.Module,
+    hidden_rows: torch.Tensor,
+    control_rows: torch.Tensor,
+    temb: torch.Tensor,
+    rope: RowRope,
+    kv: LayerKV,
+    text_kv: tuple[torch.Tensor, torch.Tensor],
+    update: RowUpdate,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A VACE block on rows: returns (hint rows, control rows), as `WanVACETransformerBlock.forward` does."""
+    if block.proj_in is not None:
+        control_rows = block.proj_in(control_rows) + hidden_rows
+    control_rows = block_rows(block, control_rows, temb, rope, kv, text_kv, update)
+    return block.proj_out(control_rows), control_rows

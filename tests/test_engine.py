@@ -1,0 +1,200 @@
+"""DESIGN section 6 properties of the engine on tiny random transformers (float32, CPU).
+
+Tolerances: 1e-5 absolute where rows are recomputed (the engine's matmuls see fewer rows than the stock ones
+and may round differently); exact equality where values are copied (REUSE, disable).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_dispatch import attention_backend
+from torch.utils.flop_counter import FlopCounterMode
+from tiny_models import box_mask, tiny_inputs, tiny_transformer, token_rows
+
+import hetcache
+from hetcache.engine import engine_of
+
+TOL = 1e-5
+GRID = (3, 4, 6)
+CONFIGS = [dict(num_layers=4, vace_layers=(0, 2)), dict(num_layers=5, vace_layers=(0, 4))]
+
+
+def call(model, inputs, t, branch="cond"):
+    with torch.no_grad(), model.cache_context(branch):
+        return model(timestep=torch.tensor([t]), return_dict=False, **inputs)[0]
+
+
+def stock(model, inputs, t):
+    with torch.no_grad():
+        return model(timestep=torch.tensor([t]), return_dict=False, **inputs)[0]
+
+
+def cfg(**overrides):
+    """Config with a 1-token margin, so the tiny grid keeps context tokens."""
+    return hetcache.HetCacheConfig(**{"margin": 1, **overrides})
+
+
+def mask():
+    return box_mask(GRID, slice(1, 3), slice(2, 4))
+
+
+@pytest.fixture(params=CONFIGS, ids=["vace-every-2nd", "vace-last-layer"])
+def model(request):
+    return tiny_transformer(**request.param)
+
+
+def test_full_plan_reproduces_stock(model):
+    steps = [(tiny_inputs(seed), t) for seed, t in enumerate((900.0, 700.0, 400.0))]
+    expected = [stock(model, x, t) for x, t in steps]
+    hetcache.enable(model, cfg(plan="FFF"), mask=mask())
+    for (x, t), ref in zip(steps, expected):
+        assert (call(model, x, t) - ref).abs().max() <= TOL
+    assert hetcache.stats(model).plan == "FFF"
+
+
+def test_full_steps_of_a_partial_plan_match_stock(model):
+    """With PARTIAL steps ahead, FULL steps run the engine's own block maths (keeping K/V): still the stock output."""
+    steps = [(tiny_inputs(seed), t) for seed, t in enumerate((900.0, 700.0))]
+    expected = [stock(model, x, t) for x, t in steps]
+    hetcache.enable(model, cfg(plan="FFP"), mask=mask())
+    for (x, t), ref in zip(steps, expected):
+        assert (call(model, x, t) - ref).abs().max() <= TOL
+    assert engine_of(model)._states["cond"].main_kv[0].key is not None
+
+
+def test_full_only_plan_is_bitwise_stock(model):
+    x = tiny_inputs(4)
+    expected = stock(model, x, 500.0)
+    hetcache.enable(model, cfg(plan="FF"), mask=mask())
+    call(model, x, 900.0)
+    assert torch.equal(call(model, x, 500.0), expected)
+
+
+def test_partial_with_all_rows_equals_full(model):
+    first, second = tiny_inputs(0), tiny_inputs(1)
+    expected = stock(model, second, 500.0)
+    config = cfg(plan="FP", margin_ratio=1.0, context_ratio=1.0)
+    hetcache.enable(model, config, mask=mask())
+    call(model, first, 900.0)
+    out = call(model, second, 500.0)
+    assert hetcache.stats(model).plan == "FP"
+    assert hetcache.stats(model).rows == [72, 72]
+    assert (out - expected).abs().max() <= TOL
+
+
+def test_partial_after_full_on_same_inputs_reproduces_rows(model):
+    x = tiny_inputs(3)
+    hetcache.enable(model, cfg(plan="FP", context_ratio=0.2), mask=mask())
+    full = call(model, x, 600.0)
+    partial = call(model, x, 600.0)
+    engine = engine_of(model)
+    rows = engine.step_rows[1]
+    assert 0 < rows.numel() < 72
+    assert (token_rows(partial)[rows] - token_rows(full)[rows]).abs().max() <= TOL
+    # Rows outside S come from h_in + R of the same inputs: the whole output matches.
+    assert (partial - full).abs().max() <= TOL
+
+
+def head(model, hidden, t, text):
+    """The stock transformer head applied to a full hidden sequence (what REUSE must feed it)."""
+    temb = model.condition_embedder(torch.tensor([t]), text)[0]
+    shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+    h = (model.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+    h = model.proj_out(h)
+    frames, height, width = GRID
+    h = h.reshape(1, frames, height, width, 1, 2, 2, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return h.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def test_reuse_is_input_plus_residual_and_runs_no_block(model):
+    first, second = tiny_inputs(0), tiny_inputs(1)
+    hetcache.enable(model, cfg(plan="FR"), mask=mask())
+    call(model, first, 900.0)
+    residual = engine_of(model)._states["cond"].residual.clone()
+    ffn_calls = []
+    handles = [m.ffn.register_forward_hook(lambda *a: ffn_calls.append(1)) for m in (*model.blocks, *model.vace_blocks)]
+    out = call(model, second, 800.0)
+    for handle in handles:
+        handle.remove()
+    assert ffn_calls == []
+    with torch.no_grad():
+        hidden_in = model.patch_embedding(second["hidden_states"]).flatten(2).transpose(1, 2)
+        expected = head(model, hidden_in + residual, 800.0, second["encoder_hidden_states"])
+    assert torch.equal(out, expected)
+
+
+def test_disable_restores_stock_exactly(model):
+    x = tiny_inputs(5)
+    expected = stock(model, x, 300.0)
+    hetcache.enable(model, cfg(plan="FPR"), mask=mask())
+    for t in (900.0, 600.0, 300.0):
+        call(model, x, t)
+    hetcache.disable(model)
+    assert torch.equal(stock(model, x, 300.0), expected)
+    assert not hasattr(model.blocks[0], "_diffusers_hook") or model.blocks[0]._diffusers_hook.get_hook("hetcache") is None
+
+
+def test_cond_and_uncond_caches_stay_apart(model):
+    cond, uncond = tiny_inputs(0), tiny_inputs(0)
+    uncond["encoder_hidden_states"] = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(9))
+    config = cfg(plan="FR")
+    hetcache.enable(model, config, mask=mask())
+    call(model, cond, 900.0, "cond")
+    call(model, uncond, 900.0, "uncond")
+    both = call(model, cond, 700.0, "cond")
+    hetcache.enable(model, config, mask=mask())
+    call(model, cond, 900.0, "cond")
+    alone = call(model, cond, 700.0, "cond")
+    assert torch.equal(both, alone)
+    assert hetcache.stats(model).branches == {"cond": "FR"}
+
+
+@pytest.mark.parametrize("kind", ["F", "P", "R"])
+def test_analytic_flops_match_flop_counter(model, kind):
+    x = tiny_inputs(2)
+    hetcache.enable(model, cfg(plan="F" + kind, context_ratio=0.3), mask=mask())
+    with attention_backend("_native_math"):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            call(model, x, 900.0)
+        first = hetcache.stats(model).flops
+        assert abs(counter.get_total_flops() - first) <= 0.02 * first
+        counter = FlopCounterMode(display=False)
+        with counter:
+            call(model, x, 700.0)
+        second = hetcache.stats(model).flops - first
+    assert abs(counter.get_total_flops() - second) <= 0.02 * max(second, 1.0)
+
+
+def test_batch_of_two_is_refused(model):
+    x = {k: v.repeat(2, *([1] * (v.dim() - 1))) for k, v in tiny_inputs(0).items()}
+    hetcache.enable(model, cfg(plan="F"), mask=mask())
+    with pytest.raises(ValueError, match="batch size 1"):
+        call(model, x, 900.0)
+
+
+def test_missing_mask_is_explained(model):
+    hetcache.enable(model, cfg(plan="FP"))
+    with pytest.raises(ValueError, match="mask"):
+        call(model, tiny_inputs(0), 900.0)
+
+
+def test_ema_blends_non_generative_rows(model):
+    x, y = tiny_inputs(0), tiny_inputs(1)
+    config = cfg(plan="FP", margin_ratio=1.0, context_ratio=1.0, ema_alpha=0.5)
+    hetcache.enable(model, config, mask=mask())
+    call(model, x, 900.0)
+    before = engine_of(model)._states["cond"].residual.clone()
+    call(model, y, 800.0)
+    engine = engine_of(model)
+    after = engine._states["cond"].residual
+    gen = engine.partition.generative
+    context = engine.partition.context
+    hetcache.enable(model, cfg(plan="FP", margin_ratio=1.0, context_ratio=1.0), mask=mask())
+    call(model, x, 900.0)
+    call(model, y, 800.0)
+    fresh = engine_of(model)._states["cond"].residual
+    assert (after[:, gen] - fresh[:, gen]).abs().max() <= TOL
+    expected = 0.5 * before[:, context] + 0.5 * fresh[:, context]
+    assert (after[:, context] - expected).abs().max() <= TOL

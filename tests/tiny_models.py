@@ -1,0 +1,49 @@
+"""Tiny random WanVACE transformers and inputs for engine tests (float32, CPU)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import WanVACETransformer3DModel
+
+TEXT_DIM = 32
+
+
+def tiny_transformer(num_layers: int = 4, vace_layers: tuple[int, ...] = (0, 2), seed: int = 0) -> WanVACETransformer3DModel:
+    """A tiny model whose weights are scaled up so attention, hints and residuals are far from trivial."""
+    torch.manual_seed(seed)
+    model = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=num_layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=64, vace_layers=list(vace_layers), vace_in_channels=96,
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def tiny_inputs(seed: int = 0, grid: tuple[int, int, int] = (3, 4, 6), text_len: int = 8) -> dict[str, torch.Tensor]:
+    """Latents, VACE control and text for a token grid (T', H', W') of patch (1, 2, 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    frames, height, width = grid[0], grid[1] * 2, grid[2] * 2
+    return {
+        "hidden_states": torch.randn(1, 16, frames, height, width, generator=generator),
+        "control_hidden_states": torch.randn(1, 96, frames, height, width, generator=generator),
+        "encoder_hidden_states": torch.randn(1, text_len, TEXT_DIM, generator=generator),
+    }
+
+
+def box_mask(grid: tuple[int, int, int], rows: slice, cols: slice) -> torch.Tensor:
+    """Pixel mask [F, H, W] (True = generate) covering a box of tokens in every frame; F = 4(T'-1)+1."""
+    frames = 4 * (grid[0] - 1) + 1
+    mask = torch.zeros(frames, grid[1] * 16, grid[2] * 16, dtype=torch.bool)
+    mask[:, rows.start * 16 : rows.stop * 16, cols.start * 16 : cols.stop * 16] = True
+    return mask
+
+
+def token_rows(output: torch.Tensor) -> torch.Tensor:
+    """Model output [1, C, T, H, W] (patch 1x2x2) as one row per token: [N, C*4]."""
+    _, channels, frames, height, width = output.shape
+    x = output.reshape(channels, frames, height // 2, 2, width // 2, 2)
+    return x.permute(1, 2, 4, 0, 3, 5).reshape(frames * (height // 2) * (width // 2), -1)
