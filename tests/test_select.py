@@ -292,3 +292,25 @@ def test_partial_rows_hold_all_generative_rows_sorted_without_duplicates(phase):
     assert rows.numel() == partition.generative.numel() + margin_picked + count
     with pytest.raises(ValueError, match="context_choice"):
         partial_rows(partition, margin_ratio=0.7, context_ratio=0.2, phase=phase, context_choice=choice)
+
+
+def test_interaction_scores_estimate_from_a_query_sample():
+    generator = torch.Generator().manual_seed(11)
+    queries = torch.randn(2, 40, 8, generator=generator)
+    keys = torch.randn(2, 30, 8, generator=generator)
+    assert torch.equal(interaction_scores(queries, keys, max_queries=40), interaction_scores(queries, keys))
+    sample = ((2 * torch.arange(10) + 1) * 40) // 20  # the evenly spaced queries the estimate uses
+    expected = interaction_scores(queries[:, sample], keys) * 4.0
+    assert torch.allclose(interaction_scores(queries, keys, max_queries=10), expected, rtol=1e-6)
+
+
+def test_kmeans_fitted_on_a_sample_still_labels_every_point():
+    generator = torch.Generator().manual_seed(12)
+    centres = torch.tensor([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
+    points = torch.cat([c + torch.randn(200, 2, generator=generator) for c in centres])
+    labels = kmeans(points, 3, seed=1, max_points=60)
+    assert labels.shape == (600,)
+    for blob in range(3):
+        assert labels[blob * 200 : (blob + 1) * 200].unique().numel() == 1
+    assert labels.unique().numel() == 3
+    assert torch.equal(kmeans(points, 3, seed=1, max_points=600), kmeans(points, 3, seed=1))

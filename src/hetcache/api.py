@@ -85,7 +85,7 @@ def enable(
 def disable(target: Any) -> None:
     """Remove every hetcache hook; the stock forward runs again, exactly."""
     pipeline, transformer = _split(target)
-    _engine.detach(transformer)
+    _engine.detach(transformer)  # frees the caches now, not at the next garbage collection
     if pipeline is not None and getattr(pipeline.__dict__.get("prepare_masks"), _MASK_WRAPPER_FLAG, False):
         del pipeline.__dict__["prepare_masks"]
 

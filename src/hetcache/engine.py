@@ -31,6 +31,10 @@ from hetcache.sparse import LayerKV, RowRope, RowUpdate, blend_rows, block_rows,
 
 HOOK_NAME = "hetcache"
 DEFAULT_CONTEXT = "default"
+# Selection at FULL steps: interaction scores from at most this many generative queries, k-means centres fitted on
+# at most this many context tokens. Both keep the selection near 1 % of a FULL CFG step at 480p (docs/BENCHMARKS.md).
+SCORE_QUERIES = 1024
+KMEANS_POINTS = 2048
 
 
 @dataclass
@@ -134,6 +138,10 @@ class HetCacheEngine:
         self.user_mask: tuple[torch.Tensor, bool] | None = None  # (mask, is_token_coverage)
         self.call_mask: tuple[torch.Tensor, int] | None = None  # (pixel mask, reference frames) of a pipeline call
         self.stats = HetCacheStats()
+        self.main_rows, self.vace_rows = block_rows, vace_block_rows
+        if config.compile:
+            self.main_rows = torch.compile(block_rows, dynamic=True)
+            self.vace_rows = torch.compile(vace_block_rows, dynamic=True)
         self._states: dict[str, BranchState] = {}
         self._first_branch_name = ""
         self._timesteps_host: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
@@ -338,9 +346,11 @@ class HetCacheEngine:
         if ctx.kind == "R":
             return hidden_states
         kv = ctx.branch.main_kv.setdefault(layer, LayerKV())
-        probe = self._score_probe if ctx.select_now and layer == self.num_main - 1 and self._needs_scores() else None
-        return block_rows(block, hidden_states, temb, self._rope(rotary_emb), kv,
-                          self._text("main", layer, block.attn2, text), ctx.update, probe)
+        args = (block, hidden_states, temb, self._rope(rotary_emb), kv, self._text("main", layer, block.attn2, text),
+                ctx.update)
+        if ctx.select_now and layer == self.num_main - 1 and self._needs_scores():
+            return block_rows(*args, probe=self._score_probe)  # eager: the probe stays out of compiled graphs
+        return self.main_rows(*args)
 
     def vace_block(self, block: torch.nn.Module, layer: int, hidden_states: torch.Tensor, text: torch.Tensor,
                    control: torch.Tensor, temb: torch.Tensor,
@@ -355,8 +365,8 @@ class HetCacheEngine:
         if ctx.kind == "R":
             return control, control
         kv = ctx.branch.vace_kv.setdefault(layer, LayerKV())
-        return vace_block_rows(block, hidden_states, control, temb, self._rope(rotary_emb), kv,
-                               self._text("vace", layer, block.attn2, text), ctx.update)
+        return self.vace_rows(block, hidden_states, control, temb, self._rope(rotary_emb), kv,
+                              self._text("vace", layer, block.attn2, text), ctx.update)
 
     def assemble(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """norm_out's input: computed rows plus h_in + R elsewhere; refreshes R for the computed rows."""
@@ -384,7 +394,7 @@ class HetCacheEngine:
     def _score_probe(self, query: torch.Tensor, keys: torch.Tensor) -> None:
         generative = self.partition.generative
         q = query[0].index_select(0, generative).transpose(0, 1)
-        self.ctx.scores = select.interaction_scores(q, keys[0].transpose(0, 1))
+        self.ctx.scores = select.interaction_scores(q, keys[0].transpose(0, 1), max_queries=SCORE_QUERIES)
 
     def _select_context(self, hidden_states: torch.Tensor) -> None:
         cfg, part = self.config, self.partition
@@ -396,7 +406,8 @@ class HetCacheEngine:
         labels = None
         if cfg.selection in ("kmeans_attention", "kmeans"):
             features = hidden_states[0].index_select(0, part.context)
-            labels = select.kmeans(features, cfg.kmeans_clusters, iters=cfg.kmeans_iters, seed=cfg.seed)
+            labels = select.kmeans(features, cfg.kmeans_clusters, iters=cfg.kmeans_iters, seed=cfg.seed,
+                                   max_points=KMEANS_POINTS)
         generator = torch.Generator().manual_seed(cfg.seed + self.ctx.index)
         self.context_choice = select.context_rows(
             part.context,
@@ -409,10 +420,11 @@ class HetCacheEngine:
         self.stats.flops += flops.selection_flops(
             self.shape,
             part.num_tokens,
-            int(part.generative.numel()) if self._needs_scores() else 0,
+            min(int(part.generative.numel()), SCORE_QUERIES) if self._needs_scores() else 0,
             int(part.context.numel()) if labels is not None else 0,
             clusters=cfg.kmeans_clusters,
             iters=cfg.kmeans_iters,
+            fit_points=KMEANS_POINTS,
         )
 
 
@@ -547,6 +559,9 @@ def attach(transformer: torch.nn.Module, engine: HetCacheEngine) -> None:
 
 def detach(transformer: torch.nn.Module) -> None:
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    root = registry.get_hook(HOOK_NAME)
+    if root is not None and root._is_stateful:
+        root.reset_state(transformer)
     registry.remove_hook(HOOK_NAME, recurse=True)
     registry.invalidate_child_registries_cache()
 

@@ -110,7 +110,8 @@ def forward_flops(shape: ModelShape, tokens: int, rows: int, text_len: int, *, t
 
 
 def selection_flops(
-    shape: ModelShape, tokens: int, generative: int, context: int, *, clusters: int, iters: int
+    shape: ModelShape, tokens: int, generative: int, context: int, *, clusters: int, iters: int,
+    fit_points: int | None = None,
 ) -> float:
     """Work done at a FULL step to choose the context tokens of the following PARTIAL steps.
 
@@ -120,7 +121,11 @@ def selection_flops(
     block's FULL computation and cost nothing extra; the exponentials and sums are elementwise.
     k-means (`select.kmeans`): per Lloyd iteration two matmuls of 2 context clusters D each (point-to-centre
     distances, and the one-hot membership times the points for the new centres), plus the final assignment.
+    With `fit_points`, the iterations run on at most that many points and only the final assignment sees all.
     """
     scores = 2 * 2 * generative * tokens * shape.dim
-    kmeans = (2 * iters + 1) * 2 * context * clusters * shape.dim if context > clusters else 0
+    if context <= clusters:
+        return float(scores)
+    fitted = context if fit_points is None else min(context, max(fit_points, clusters))
+    kmeans = (2 * iters * fitted + context) * 2 * clusters * shape.dim
     return float(scores + kmeans)

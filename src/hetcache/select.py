@@ -39,32 +39,43 @@ def margin_rows(margin: torch.Tensor, ratio: float, phase: int) -> torch.Tensor:
     return margin[positions.sort().values]
 
 
-def kmeans(features: torch.Tensor, k: int, *, iters: int = 8, seed: int = 0) -> torch.Tensor:
+def kmeans(features: torch.Tensor, k: int, *, iters: int = 8, seed: int = 0, max_points: int | None = None) -> torch.Tensor:
     """Cluster labels int64 [n] of features [n, D] by `iters` Lloyd iterations after a k-means++ start.
 
     Runs on the features' device in float32 with no host sync: the seeding draws from a generator seeded with
     `seed` on that device, the iteration count is fixed and centre updates are matmuls (deterministic on GPU).
-    An empty cluster keeps its centre. k >= n gives every point its own label.
+    An empty cluster keeps its centre. k >= n gives every point its own label. With `max_points`, the centres
+    are fitted on that many evenly spaced points and then every point is assigned to its nearest centre: 16
+    centres are well placed by a few thousand points, and the fit's cost stops growing with the video.
     """
     if k < 1:
         raise ValueError(f"k = {k}: need at least one cluster")
     count = features.shape[0]
     if count <= k:
         return torch.arange(count, device=features.device)
-    points = features.float()
-    points = points - points.mean(dim=0)  # centring keeps the expanded distance form accurate in float32
-    norms = points.square().sum(dim=1)
+    all_points = features.float()
+    all_points = all_points - all_points.mean(dim=0)  # centring keeps the expanded distance form accurate in float32
+    all_norms = all_points.square().sum(dim=1)
+    points, norms = all_points, all_norms
+    if max_points is not None and count > max_points:
+        sample = _evenly_spaced(count, max(max_points, k), features.device)
+        points, norms = all_points.index_select(0, sample), all_norms.index_select(0, sample)
     centres = _kmeanspp_centres(points, k, seed)
     cluster_ids = torch.arange(k, device=points.device)
     for _ in range(iters):
         members = (_nearest(points, norms, centres)[:, None] == cluster_ids).float()
         sizes = members.sum(dim=0)[:, None]
         centres = torch.where(sizes > 0, (members.T @ points) / sizes.clamp_min(1.0), centres)
-    return _nearest(points, norms, centres)
+    return _nearest(all_points, all_norms, centres)
 
 
 def interaction_scores(
-    queries: torch.Tensor, keys: torch.Tensor, *, scale: float | None = None, chunk: int = 2048
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    scale: float | None = None,
+    chunk: int = 2048,
+    max_queries: int | None = None,
 ) -> torch.Tensor:
     """Attention mass that the generative queries place on each key: float32 [N].
 
@@ -74,6 +85,8 @@ def interaction_scores(
     On the GPU, bf16/fp16 inputs get their logits from float16 matmuls (float32 accumulation; about 1e-3
     relative error per logit, harmless for ranking) and everything after in float32: this keeps the scores
     at a few milliseconds per FULL step at the real size instead of tens with float32 matmuls.
+    With `max_queries`, the sum over queries is estimated from that many evenly spaced queries, scaled by
+    G / max_queries: the scores only rank context tokens, and the cost then stops growing with the mask.
     """
     heads, num_queries, head_dim = queries.shape
     if keys.ndim != 3 or keys.shape[0] != heads or keys.shape[2] != head_dim:
@@ -84,6 +97,10 @@ def interaction_scores(
     scores = torch.zeros(num_keys, dtype=torch.float32, device=keys.device)
     if num_queries == 0 or num_keys == 0:
         return scores
+    if max_queries is not None and num_queries > max_queries:
+        sample = _evenly_spaced(num_queries, max_queries, queries.device)
+        estimate = interaction_scores(queries.index_select(1, sample), keys, scale=scale, chunk=chunk)
+        return estimate * (num_queries / max_queries)
     low_precision = keys.device.type == "cuda" and queries.dtype in (torch.bfloat16, torch.float16)
     matmul_dtype = torch.float16 if low_precision else torch.float32
     scaled = (queries.float() * (head_dim**-0.5 if scale is None else scale)).to(matmul_dtype)

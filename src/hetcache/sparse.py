@@ -40,11 +40,17 @@ class RowRope:
         return RowRope(self.cos.index_select(1, index), self.sin.index_select(1, index))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate interleaved pairs of `x` [B, n, heads, head_dim]."""
-        pairs = x.float().unflatten(-1, (-1, 2))
-        x1, x2 = pairs[..., 0], pairs[..., 1]
-        out = torch.stack((x1 * self.cos - x2 * self.sin, x1 * self.sin + x2 * self.cos), dim=-1)
-        return out.flatten(-2).type_as(x)
+        """Rotate interleaved pairs of `x` [B, n, heads, head_dim].
+
+        The products promote to float32 inside each kernel and the results are written straight into an
+        output of x's dtype: no float32 copy of x and no stacked intermediate (those cost about 3 % of a
+        FULL step at the real size).
+        """
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        out = torch.empty_like(x)
+        out[..., 0::2] = x1 * self.cos - x2 * self.sin
+        out[..., 1::2] = x1 * self.sin + x2 * self.cos
+        return out
 
 
 @dataclass
