@@ -151,34 +151,42 @@ def forward(model, inputs, t: float = 500.0, branch: str = "cond"):
         return model(timestep=torch.tensor([t], device=inputs["hidden_states"].device), return_dict=False, **inputs)[0]
 
 
-def engine_forward_times(model, inputs, setting: Setting, timer: Timer) -> dict:
+def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile: bool = False) -> dict:
     """Stock vs engine FULL vs PARTIAL (row-fraction sweep and the driving mask) vs REUSE, one branch."""
     n = setting.grid[0] * setting.grid[1] * setting.grid[2]
-    out: dict = {"tokens": n}
+    out: dict = {"tokens": n, "compile": compile}
     call = lambda: forward(model, inputs)  # noqa: E731
     out["stock_s"] = timer(call, setting.repeats, warmup=2)
     reference = call().float()
 
     many = setting.repeats + 4
-    sweep_config = dict(margin=0, margin_ratio=0.0, context_ratio=0.0, selection="uniform")
+    sweep_config = dict(margin=0, margin_ratio=0.0, context_ratio=0.0, selection="uniform", compile=compile)
+    fractions = (0.75, 0.5, 0.3, 0.15) if not compile else (0.5, 0.3, 0.15)
 
     hetcache.enable(model, hetcache.HetCacheConfig(plan="F" * many + "P", **sweep_config),
                     token_mask=box_coverage(setting.grid, 0.5))
-    out["engine_full_s"] = timer(call, setting.repeats, warmup=2)
+    out["engine_full_s"] = timer(call, setting.repeats, warmup=3 if compile else 2)
     got = call().float()
     out["engine_full_rel_err"] = float((got - reference).norm() / reference.norm())
     hetcache.disable(model)
 
     out["partial"] = []
-    for fraction in (0.75, 0.5, 0.3, 0.15):
+    for fraction in fractions:
         hetcache.enable(model, hetcache.HetCacheConfig(plan="F" + "P" * many, **sweep_config),
                         token_mask=box_coverage(setting.grid, fraction))
         call()
-        seconds = timer(call, setting.repeats, warmup=1)
+        seconds = timer(call, setting.repeats, warmup=2 if compile else 1)
         rows = hetcache.stats(model).rows[-1]
         hetcache.disable(model)
         out["partial"].append({"mask": f"box {fraction:.2f}", "rows": rows, "r": rows / n, "seconds": seconds})
 
+    hetcache.enable(model, hetcache.HetCacheConfig(plan="F" + "R" * many, **sweep_config),
+                    token_mask=box_coverage(setting.grid, 0.5))
+    call()
+    out["reuse_s"] = timer(call, setting.repeats, warmup=1)
+    hetcache.disable(model)
+    if compile:
+        return out
     driving = hetcache.HetCacheConfig(plan="F" + "P" * many, margin=3)
     hetcache.enable(model, driving, token_mask=driving_coverage(setting.grid))
     call()
@@ -187,12 +195,6 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer) -> dict:
     hetcache.disable(model)
     out["partial"].append({"mask": "driving (margin 3, rho_m 0.7, rho_c 0.05)", "rows": stats.rows[-1],
                            "r": stats.rows[-1] / n, "seconds": seconds, "tokens": stats.tokens})
-
-    hetcache.enable(model, hetcache.HetCacheConfig(plan="F" + "R" * many, **sweep_config),
-                    token_mask=box_coverage(setting.grid, 0.5))
-    call()
-    out["reuse_s"] = timer(call, setting.repeats, warmup=1)
-    hetcache.disable(model)
 
     # Selection overhead: a FULL step that clusters and scores context tokens vs one that does not.
     selecting = hetcache.HetCacheConfig(plan="F" * many + "P", margin=3)
@@ -210,16 +212,47 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer) -> dict:
     out["full_uniform_selection_s"] = timer(call, setting.repeats, warmup=2)
     hetcache.disable(model)
     out["selection_overhead"] = out["full_with_selection_s"] / out["full_uniform_selection_s"] - 1.0
+    out["selection_parts"] = selection_parts(model, inputs, setting, timer)
     return out
 
 
-def denoising_loops(model, inputs, setting: Setting, timer: Timer) -> list[dict]:
+def selection_parts(model, inputs, setting: Setting, timer: Timer) -> dict:
+    """Each piece of the FULL-step selection on real-size tensors: partition, k-means, scores, context rows."""
+    from hetcache import select, tokens
+    from hetcache.engine import KMEANS_POINTS, SCORE_QUERIES
+
+    coverage = driving_coverage(setting.grid).to(setting.device)
+    parts = {"partition_s": timer(lambda: tokens.partition_tokens(coverage, margin=3), setting.repeats)}
+    partition = tokens.partition_tokens(coverage, margin=3)
+    dim = setting.config["num_attention_heads"] * setting.config["attention_head_dim"]
+    heads, n = setting.config["num_attention_heads"], partition.num_tokens
+    generator = torch.Generator(setting.device).manual_seed(3)
+    features = torch.randn(partition.context.numel(), dim, generator=generator, device=setting.device)
+    queries = torch.randn(heads, partition.generative.numel(), dim // heads, generator=generator,
+                          device=setting.device).to(setting.dtype)
+    keys = torch.randn(heads, n, dim // heads, generator=generator, device=setting.device).to(setting.dtype)
+    parts["kmeans_s"] = timer(lambda: select.kmeans(features, 16, iters=8, max_points=KMEANS_POINTS), setting.repeats)
+    parts["scores_s"] = timer(lambda: select.interaction_scores(queries, keys, max_queries=SCORE_QUERIES),
+                              setting.repeats)
+    labels = select.kmeans(features, 16, iters=8)
+    scores = select.interaction_scores(queries, keys)
+    count = select.context_count(partition.context.numel(), 0.05)
+    parts["context_rows_s"] = timer(
+        lambda: select.context_rows(partition.context, count, strategy="kmeans_attention", labels=labels,
+                                    scores=scores), setting.repeats)
+    return parts
+
+
+def denoising_loops(model, inputs, setting: Setting, timer: Timer, compile: bool = False) -> list[dict]:
     """50 steps x 2 CFG branches per plan; speedup over the dense plan next to the analytic FLOPs speedup."""
     uncond = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].flip(1))
     timesteps = torch.linspace(999.0, 10.0, setting.steps)
     rows = []
-    for name, letters in PLANS.items():
-        config = hetcache.HetCacheConfig(plan=letters, margin=3)
+    runs = [(name, letters, False) for name, letters in PLANS.items()]
+    if compile:
+        runs += [(name + "+compile", letters, True) for name, letters in PLANS.items() if "hetcache" in name]
+    for name, letters, compiled in runs:
+        config = hetcache.HetCacheConfig(plan=letters, margin=3, compile=compiled)
 
         def loop() -> None:
             hetcache.enable(model, config, token_mask=driving_coverage(setting.grid))
@@ -290,7 +323,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks that it runs)")
     parser.add_argument("--out", default=None, help="JSON file for every number")
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: forward,loops,big")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: forward,compile,loops,big")
     args = parser.parse_args()
     setting = smoke_setting() if args.smoke else real_setting()
     skip = set(filter(None, args.skip.split(",")))
@@ -308,10 +341,13 @@ def main() -> None:
     shape = flops.ModelShape.from_config(model.config)
     n = setting.grid[0] * setting.grid[1] * setting.grid[2]
     report["analytic_tflop_per_forward"] = flops.forward_flops(shape, n, n, setting.text_len, text_kv=True) / 1e12
+    compile_too = "compile" not in skip
     if "forward" not in skip:
         report["forward"] = engine_forward_times(model, inputs, setting, timer)
+        if compile_too:
+            report["forward_compiled"] = engine_forward_times(model, inputs, setting, timer, compile=True)
     if "loops" not in skip:
-        report["loops"] = denoising_loops(model, inputs, setting, timer)
+        report["loops"] = denoising_loops(model, inputs, setting, timer, compile=compile_too)
     if "big" not in skip:
         del model
         with contextlib.suppress(Exception):
@@ -324,19 +360,35 @@ def main() -> None:
 
 def print_table(report: dict) -> None:
     print(f"device: {report['device']}  torch {report['versions']['torch']}  diffusers {report['versions']['diffusers']}")
-    forward_times = report.get("forward")
+    for key in ("forward", "forward_compiled"):
+        print_forward(report.get(key))
+    parts = (report.get("forward") or {}).get("selection_parts")
+    if parts:
+        print("selection pieces (ms): " + ", ".join(f"{k[:-2]} {1e3 * v:.2f}" for k, v in parts.items()))
+    print_rest(report)
+
+
+def print_forward(forward_times: dict | None) -> None:
     if forward_times:
+        label = "compiled engine" if forward_times["compile"] else "eager engine"
+        print(f"--- {label}")
         full = forward_times["engine_full_s"]
         print(f"per forward (one branch, {forward_times['tokens']} tokens): stock {1e3 * forward_times['stock_s']:.1f} ms, "
               f"engine FULL {1e3 * full:.1f} ms ({full / forward_times['stock_s']:.3f} x stock, rel err "
               f"{forward_times['engine_full_rel_err']:.1e}), REUSE {1e3 * forward_times['reuse_s']:.2f} ms "
               f"({forward_times['reuse_s'] / full:.4f} x FULL)")
-        print(f"selection overhead per FULL step: {100 * forward_times['selection_overhead']:.1f} %")
+        if "selection_overhead" in forward_times:
+            overhead = forward_times["full_with_selection_s"] - forward_times["full_uniform_selection_s"]
+            print(f"selection overhead: {1e3 * overhead:.1f} ms = {100 * overhead / full:.1f} % of a FULL forward, "
+                  f"{50 * overhead / full:.1f} % of a FULL CFG step (selection is shared by both branches)")
         print(f"{'PARTIAL':<44}{'r':>7}{'ms':>9}{'x FULL':>8}{'target':>8}")
         for row in forward_times["partial"]:
             target = 1.1 * row["r"] * full + 2e-3
             print(f"{row['mask']:<44}{row['r']:7.3f}{1e3 * row['seconds']:9.1f}{row['seconds'] / full:8.3f}"
                   f"{target / full:8.3f}")
+
+
+def print_rest(report: dict) -> None:
     for row in report.get("loops", []):
         print(f"loop {row['plan']:<14} {row['letters']}  {row['seconds']:7.2f} s  speedup {row['speedup']:5.2f}  "
               f"FLOPs speedup {row['flops_speedup']:5.2f}  efficiency {row['efficiency']:.3f}  "
