@@ -1,0 +1,545 @@
+"""Side-by-side benchmark of the caches on the user's own video, and the step-plan preview.
+
+`run_bench` edits one video with every method from the same inputs, seed and initial latents (generated once and
+passed to the pipeline), times the denoising loop, and compares each output with `full`'s: PSNR / SSIM over the
+frame, inside the mask and on the margin band, LPIPS with a user-supplied model. It writes results.json (schema:
+docs/RESULTS_SCHEMA.md), results.csv, results.md, pareto.png and side_by_side.mp4 into the output folder.
+
+Timing: `pipeline.run_edit`'s "denoise" span, from the first transformer call to the end of the last step (a
+transformer pre-hook and `callback_on_step_end`, synchronised on CUDA), so text encoding and VAE work are out.
+One 1-step run of the plain pipeline comes first and is not timed (it pays for lazy initialisation: CUDA
+context, kernel selection, allocator growth). MagCache's calibration run (diffusers' own recipe when no
+`mag_ratios` are given) is not timed either. Speedups divide `full`'s time by the method's, both from this run.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import math
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import hetcache
+from hetcache import flops, plan, tokens
+from hetcache import video as vio
+from hetcache.config import HetCacheConfig
+from hetcache.engine import partial_row_count
+from hetcache.errors import UserError
+from hetcache.methods import METHOD_NAMES, check_method_name, inference_steps, method_config, unavailable_reason
+from hetcache.methods.pab import PABConfig, broadcast_steps
+from hetcache.methods.simple import FullConfig
+from hetcache.metrics import BAND_PX, LPIPS, fidelity
+from hetcache.pipeline import (
+    TINY_RANDOM,
+    build_tiny_random_pipeline,
+    check_prompt,
+    default_flow_shift,
+    load_pipeline,
+    resolve_device,
+    resolve_dtype,
+    run_edit,
+)
+
+SCHEMA = "hetcache-bench/1"
+REFERENCE = "full"
+DEFAULT_METHODS = ",".join(METHOD_NAMES)
+RESULT_FILES = ("results.json", "results.csv", "results.md", "pareto.png", "side_by_side.mp4")
+# One row per method in results.csv (and per record in results.json, which adds `config` and `notes`).
+COLUMNS = (
+    "name", "steps", "plan", "denoise_s", "speedup", "flops", "flops_ratio", "peak_memory_bytes", "cache_bytes",
+    "psnr_frame", "psnr_mask", "psnr_band", "ssim_frame", "ssim_mask", "ssim_band", "lpips", "identical",
+)
+WARMUP_STEPS = 1
+_MAX_GRID_WIDTH = 3840  # side_by_side.mp4 tiles shrink (by whole factors) to stay within 4K width
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """Method names from "a,b,c" (or "all"), checked, duplicates dropped, `full` first (it is the reference)."""
+    names = methods.split(",") if isinstance(methods, str) else list(methods)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        names = list(METHOD_NAMES)
+    if not names:
+        raise UserError(f"no method given: use a comma-separated list of {', '.join(METHOD_NAMES)} (or all)")
+    unique = [check_method_name(n) for n in dict.fromkeys(names)]
+    return [REFERENCE] + [n for n in unique if n != REFERENCE]
+
+
+def _configs(methods: Sequence[str | tuple[str, Any]]) -> list[tuple[str, Any]]:
+    pairs = [(m, None) if isinstance(m, str) else tuple(m) for m in methods]
+    names = parse_methods([name for name, _ in pairs])
+    given = dict(pairs)
+    return [(name, given.get(name) or method_config(name)) for name in names]
+
+
+# ------------------------------------------------------------------------------------------------ running
+def initial_latents(pipe: Any, num_frames: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """The pipeline's initial noise for this size, drawn once from `seed` on the CPU (identical on every device)."""
+    shape = (
+        1,
+        pipe.transformer.config.in_channels,
+        (num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
+        height // pipe.vae_scale_factor_spatial,
+        width // pipe.vae_scale_factor_spatial,
+    )
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return noise.to(pipe._execution_device)
+
+
+def run_bench(
+    pipe: Any,
+    video: np.ndarray,
+    mask: np.ndarray,
+    prompt: str,
+    methods: Sequence[str | tuple[str, Any]],
+    *,
+    steps: int,
+    seed: int = 0,
+    guidance: float = 5.0,
+    out_dir: str | Path,
+    negative_prompt: str = "",
+    fps: float = 16.0,
+    lpips_weights: str | Path | None = None,
+    band_px: int = BAND_PX,
+    progress: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Run every method (names, or (name, config) pairs) on one edit and write the result files; returns the
+    results.json content. `video` uint8 [F,H,W,3] and `mask` bool [F,H,W] must already fit the model."""
+    say = progress or (lambda line: None)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file: give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    lpips = LPIPS(lpips_weights, pipe._execution_device) if lpips_weights else None
+    latents = initial_latents(pipe, *mask.shape, seed)
+    common = dict(negative_prompt=negative_prompt, guidance=guidance, seed=seed, latents=latents)
+
+    hetcache.disable(pipe)
+    run_edit(pipe, video, mask, prompt, steps=WARMUP_STEPS, **common)
+
+    records, skipped, outputs = [], [], {}
+    for name, config in _configs(methods):
+        reason = unavailable_reason(name)
+        if reason is not None:
+            skipped.append({"name": name, "reason": reason})
+            say(f"{name:<20} skipped: {reason}")
+            continue
+        run_steps = inference_steps(config, steps)
+        try:
+            frames, timing, stats, peak = _run_method(pipe, config, video, mask, prompt, run_steps, common)
+        except Exception as error:  # noqa: BLE001 - one failing method must not lose the others' results
+            hetcache.disable(pipe)
+            if name == REFERENCE:
+                raise
+            reason = f"failed: {type(error).__name__}: {' '.join(str(error).split())}"
+            skipped.append({"name": name, "reason": reason})
+            say(f"{name:<20} {reason}")
+            continue
+        outputs[name] = frames
+        record = _record(name, config, run_steps, frames, timing, stats, peak, outputs[REFERENCE], records, mask,
+                         band_px, lpips)
+        records.append(record)
+        say(_progress_line(record))
+
+    settings = _settings(pipe, mask, prompt, negative_prompt, steps, seed, guidance, band_px, lpips_weights)
+    results = {"schema": SCHEMA, "settings": settings, "methods": records, "skipped": skipped}
+    _write_results(out, results)
+    _write_pareto(out / "pareto.png", records)
+    _write_side_by_side(out / "side_by_side.mp4", video, mask, outputs, fps)
+    return results
+
+
+def _run_method(pipe: Any, config: Any, video: np.ndarray, mask: np.ndarray, prompt: str, steps: int,
+                common: dict) -> tuple[np.ndarray, float, hetcache.HetCacheStats, int | None]:
+    if hasattr(config, "prepare"):
+        config.prepare(pipe.transformer, steps, lambda: run_edit(pipe, video, mask, prompt, steps=steps, **common))
+    hetcache.enable(pipe, config)
+    try:
+        cuda = pipe._execution_device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(pipe._execution_device)
+        result = run_edit(pipe, video, mask, prompt, steps=steps, **common)
+        peak = torch.cuda.max_memory_allocated(pipe._execution_device) if cuda else None
+        stats = hetcache.stats(pipe)
+    finally:
+        hetcache.disable(pipe)
+    return result.frames, result.timings["denoise"], stats, peak
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _record(name: str, config: Any, steps: int, frames: np.ndarray, denoise: float, stats: Any, peak: int | None,
+            reference: np.ndarray, previous: list[dict], mask: np.ndarray, band_px: int, lpips: Any) -> dict[str, Any]:
+    reference_time = previous[0]["denoise_s"] if previous else denoise
+    reference_flops = previous[0]["flops"] if previous else (stats.flops if stats.dense_flops else None)
+    observed = stats.dense_flops > 0
+    scores = fidelity(frames, reference, mask, band_px=band_px, lpips=lpips)
+    record = {
+        "name": name,
+        "steps": steps,
+        "plan": stats.plan,
+        "denoise_s": denoise,
+        "speedup": reference_time / denoise if denoise > 0 else None,
+        "flops": stats.flops if observed else None,
+        "flops_ratio": stats.flops / reference_flops if observed and reference_flops else None,
+        "peak_memory_bytes": peak,
+        "cache_bytes": stats.cache_bytes,
+        **{key: _finite(value) for key, value in scores.items()},
+        "identical": bool(np.array_equal(frames, reference)),
+        "config": config.to_dict(),
+        "notes": list(stats.notes),
+    }
+    return record
+
+
+def _progress_line(record: dict[str, Any]) -> str:
+    psnr = "identical" if record["identical"] else _fmt(record["psnr_frame"], "{:.2f} dB")
+    return (f"{record['name']:<20} {record['denoise_s']:8.3f} s  {_fmt(record['speedup'], 'x{:.2f}'):>6}  "
+            f"FLOPs {_fmt(record['flops_ratio'], '{:.2f}')}  PSNR {psnr}  plan {record['plan'] or '-'}")
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def _settings(pipe: Any, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int, seed: int,
+              guidance: float, band_px: int, lpips_weights: Any) -> dict[str, Any]:
+    import diffusers
+
+    frames, height, width = mask.shape
+    return {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "steps": steps,
+        "seed": seed,
+        "guidance": guidance,
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "device": str(pipe._execution_device),
+        "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+        "reference": REFERENCE,
+        "band_px": band_px,
+        "warmup": f"one {WARMUP_STEPS}-step run of the plain pipeline before timing, not timed",
+        "timing": "denoising loop: first transformer call to the end of the last step",
+        "lpips": str(lpips_weights) if lpips_weights else "not computed",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"hetcache": hetcache.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def _write_results(out: Path, results: dict[str, Any]) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for record in results["methods"]:
+        writer.writerow(["" if record[c] is None else record[c] for c in COLUMNS])
+    (out / "results.csv").write_text(buffer.getvalue())
+    (out / "results.md").write_text(results_markdown(results))
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The results as a Markdown report: settings, one table row per method, skipped methods."""
+    s = results["settings"]
+    lines = [
+        "# hetcache bench",
+        "",
+        f"{s['frames']} frames at {s['width']}x{s['height']}, {s['steps']} steps, guidance {s['guidance']:g}, "
+        f"seed {s['seed']}, {s['device']}/{s['dtype']}; prompt: \"{s['prompt']}\"",
+        "",
+        f"Time: {s['timing']} ({s['warmup']}). Fidelity against `{s['reference']}`: PSNR (dB) / SSIM over the "
+        f"frame, inside the mask and on a {s['band_px']}-pixel band around it; LPIPS: {s['lpips']}.",
+        "",
+        "| method | steps | plan | denoise s | speedup | FLOPs | PSNR frame | PSNR mask | PSNR band | SSIM frame "
+        "| SSIM mask | SSIM band | LPIPS | peak memory |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["methods"]:
+        psnr = ["=" if r["identical"] else _fmt(r[k], "{:.2f}") for k in ("psnr_frame", "psnr_mask", "psnr_band")]
+        cells = [
+            f"`{r['name']}`", str(r["steps"]), f"`{r['plan']}`" if r["plan"] else "-", f"{r['denoise_s']:.3f}",
+            _fmt(r["speedup"], "{:.2f}x"), _fmt(r["flops_ratio"], "{:.2f}"), *psnr,
+            *(_fmt(r[k], "{:.4f}") for k in ("ssim_frame", "ssim_mask", "ssim_band")),
+            _fmt(r["lpips"], "{:.4f}"), _fmt(r["peak_memory_bytes"], "{:,}"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Plan letters: F computed, P partly reused, R reused (first CFG branch); FLOPs: analytic, "
+              "relative to `full` (both CFG branches); `=`: identical to `full`."]
+    if results["skipped"]:
+        lines += ["", "Skipped:", ""] + [f"- `{s['name']}`: {s['reason']}" for s in results["skipped"]]
+    notes = [f"- `{r['name']}`: {note}" for r in results["methods"] for note in r["notes"]]
+    if notes:
+        lines += ["", "Notes:", ""] + notes
+    return "\n".join(lines) + "\n"
+
+
+def _write_pareto(path: Path, records: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [r["psnr_frame"] for r in records if r["psnr_frame"] is not None]
+    ceiling = (max(finite) if finite else 30.0) + 3.0
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r in records:
+        if r["speedup"] is None:
+            continue
+        identical = r["psnr_frame"] is None
+        y = ceiling if identical else r["psnr_frame"]
+        ax.scatter(r["speedup"], y, marker="*" if identical else "o", s=80 if identical else 40)
+        label = r["name"] + (" (= full)" if identical and r["name"] != REFERENCE else "")
+        ax.annotate(label, (r["speedup"], y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"speedup over {REFERENCE} (denoising time)")
+    ax.set_ylabel(f"PSNR to {REFERENCE}, whole frame (dB)")
+    ax.set_title("hetcache bench: speed against fidelity (stars: identical to full)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _labelled(frames: np.ndarray, label: str, shrink: int) -> np.ndarray:
+    tiles = []
+    for frame in frames:
+        image = Image.fromarray(frame)
+        if shrink > 1:
+            image = image.resize((frame.shape[1] // shrink, frame.shape[0] // shrink), Image.Resampling.BILINEAR)
+        draw = ImageDraw.Draw(image)
+        box = draw.textbbox((4, 2), label)
+        draw.rectangle((0, 0, box[2] + 4, box[3] + 3), fill=(0, 0, 0))
+        draw.text((4, 2), label, fill=(255, 255, 255))
+        tiles.append(np.asarray(image))
+    return np.stack(tiles)
+
+
+def _write_side_by_side(path: Path, video: np.ndarray, mask: np.ndarray, outputs: dict[str, np.ndarray],
+                        fps: float) -> None:
+    """A grid of labelled tiles: the input with the mask tinted, then every method's output."""
+    panels = [("input (mask tinted)", vio.mask_overlay(video, mask))] + list(outputs.items())
+    columns = math.ceil(math.sqrt(len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    _, height, width, _ = video.shape
+    shrink = 1
+    while columns * width // shrink > _MAX_GRID_WIDTH or (height // shrink) % 2 or (width // shrink) % 2:
+        shrink += 1
+    tiles = [_labelled(frames, label, shrink) for label, frames in panels]
+    blank = np.zeros_like(tiles[0])
+    tiles += [blank] * (rows * columns - len(tiles))
+    grid = np.concatenate([np.concatenate(tiles[r * columns : (r + 1) * columns], axis=2) for r in range(rows)], axis=1)
+    vio.write_video(path, grid, fps)
+
+
+# ------------------------------------------------------------------------------------------------ plans
+def _preview_timesteps(target: Any, steps: int) -> list[float]:
+    scheduler = getattr(target, "scheduler", None)
+    if scheduler is None:
+        from diffusers import UniPCMultistepScheduler
+
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    preview = type(scheduler).from_config(scheduler.config)
+    preview.set_timesteps(steps)
+    return [float(t) for t in preview.timesteps]
+
+
+def plan_table(
+    target: Any,
+    steps: int,
+    methods: str | Sequence[str],
+    *,
+    mask: torch.Tensor,
+    text_len: int = 512,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Each method's step plan and analytic cost (fraction of `full`'s FLOPs) for `steps` steps, without
+    denoising. `target` is a WanVACEPipeline (its scheduler gives the timesteps) or the transformer; `mask` is the
+    pixel mask [F, H, W] (True = generate) that sets the token counts. Content-adaptive methods have no plan
+    before they run: their `plan` and `flops_ratio` are None."""
+    transformer = getattr(target, "transformer", target)
+    shape = flops.ModelShape.from_config(transformer.config)
+    _, p_h, p_w = transformer.config.patch_size
+    frames, height, width = mask.shape
+    grid = ((frames - 1) // 4 + 1, height // (8 * p_h), width // (8 * p_w))
+    n = grid[0] * grid[1] * grid[2]
+    dense = flops.forward_flops(shape, n, n, text_len, text_kv=False)
+    rows = []
+    for name in parse_methods(methods):
+        config = method_config(name, **(overrides or {}).get(name, {}))
+        row = {"name": name, "steps": inference_steps(config, steps), "plan": None, "flops_ratio": None, "note": ""}
+        if isinstance(config, HetCacheConfig):
+            letters = hetcache.plan_for(target, steps, config, mask=mask, text_len=text_len)
+            partition = tokens.partition_from_pixel_mask(
+                mask, grid, margin=config.margin, gen_threshold=config.gen_threshold,
+                temporal_margin=config.temporal_margin)
+            partial = flops.forward_flops(shape, n, partial_row_count(partition, config), text_len, text_kv=False)
+            reuse = flops.forward_flops(shape, n, 0, text_len, text_kv=False)
+            row["plan"] = letters
+            row["flops_ratio"] = plan.plan_cost(letters, dense, partial, reuse) / (steps * dense)
+        elif isinstance(config, FullConfig):
+            row["plan"] = "F" * row["steps"]
+            row["flops_ratio"] = row["steps"] / steps
+        elif isinstance(config, PABConfig):
+            row["plan"], row["flops_ratio"] = _pab_plan(config, _preview_timesteps(target, steps), shape, n, text_len)
+        else:
+            row["note"] = "content-adaptive: decided while denoising"
+        rows.append(row)
+    return rows
+
+
+def _pab_plan(config: PABConfig, timesteps: list[float], shape: flops.ModelShape, n: int,
+              text_len: int) -> tuple[str, float]:
+    from hetcache.methods.base import cross_attention_flops, self_attention_flops
+
+    blocks = shape.num_layers + shape.num_vace_layers
+    saved = {"self": blocks * self_attention_flops(shape, n, n),
+             "cross": blocks * cross_attention_flops(shape, n, text_len)}
+    dense = flops.forward_flops(shape, n, n, text_len, text_kv=True)
+    letters, cost = "", 0.0
+    for decision in broadcast_steps(config, timesteps):
+        letters += "P" if any(decision.values()) else "F"
+        cost += dense - sum(saved[kind] for kind, reused in decision.items() if reused)
+    return letters, cost / (len(timesteps) * dense)
+
+
+# ------------------------------------------------------------------------------------------------ CLI bodies
+def bench_main(
+    video: Path | str,
+    mask: Path | str | None,
+    box: str | None,
+    prompt: str,
+    negative_prompt: str,
+    methods: str,
+    model: str,
+    steps: int,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
+    seed: int,
+    guidance: float,
+    device: str,
+    dtype: str,
+    out: Path | str,
+    lpips_weights: Path | str | None,
+) -> None:
+    """`hetcache bench`: prepare the inputs, load the model, run every method, write and print the results."""
+    check_prompt(prompt)
+    names = parse_methods(methods)
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
+        prepared = vio.prepare_inputs(video, mask, box=box, height=height, width=width, frames=frames)
+    for note in prepared.notes:
+        print(f"note: {note}", file=sys.stderr)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    num_frames, height, width = prepared.mask.shape
+    pipe = load_pipeline(model, torch_device, torch_dtype, height=height, width=width)
+    results = run_bench(
+        pipe, prepared.video, prepared.mask, prompt, names, steps=steps, seed=seed, guidance=guidance,
+        out_dir=out, negative_prompt=negative_prompt, fps=prepared.fps, lpips_weights=lpips_weights,
+        progress=lambda line: print(line, file=sys.stderr),
+    )
+    print(results_markdown(results), end="")
+    print("wrote " + ", ".join(str(out / name) for name in RESULT_FILES))
+
+
+def plan_main(
+    model: str,
+    steps: int,
+    methods: str,
+    delta: float | None,
+    budget: float | None,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
+    mask: Path | str | None,
+) -> None:
+    """`hetcache plan`: print each method's step plan and analytic cost for a mask (default: a centred box
+    covering a quarter of the frame), without running the denoiser. `delta` / `budget` set the HetCache presets'
+    threshold or FLOPs budget."""
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
+    if delta is not None and budget is not None:
+        raise UserError("--delta and --budget both decide the plan: give one of them")
+    if delta is not None and delta < 0:
+        raise UserError(f"--delta must be >= 0, got {delta}")
+    if budget is not None and not 0 < budget <= 1:
+        raise UserError(f"--budget must be a fraction of the dense FLOPs in (0, 1], got {budget}")
+    names = parse_methods(methods)
+    pixel_mask, note = _plan_mask(mask, frames, height, width)
+    num_frames, height, width = pixel_mask.shape
+    target = _plan_target(model, height, width)
+    text_len = 512 if target.tokenizer is None else min(512, int(target.tokenizer.model_max_length))
+    preset = {} if delta is None and budget is None else (
+        {"delta": delta, "budget": None} if delta is not None else {"budget": budget})
+    overrides = {name: preset for name in ("hetcache-slow", "hetcache-fast")}
+    rows = plan_table(target, steps, names, mask=pixel_mask, text_len=text_len, overrides=overrides)
+    print(f"{model}: {num_frames} frames at {width}x{height}, {steps} steps; mask: {note}")
+    width_name = max(len(r["name"]) for r in rows)
+    for r in rows:
+        cost = "  adaptive" if r["flops_ratio"] is None else f"{r['flops_ratio']:9.3f}"
+        print(f"{r['name']:<{width_name}}  {cost}  {r['plan'] or r['note']}")
+    print("FLOPs as a fraction of full (analytic); F computed, P partly reused, R reused")
+
+
+def _plan_mask(mask: Path | str | None, frames: int | None, height: int | None,
+               width: int | None) -> tuple[torch.Tensor, str]:
+    if mask is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            prepared = vio.prepare_inputs(mask, mask, height=height, width=width, frames=frames)
+        return torch.from_numpy(prepared.mask), str(mask)
+    frames, height, width = frames or 81, height or 480, width or 832
+    for name, value, step in (("height", height, 16), ("width", width, 16)):
+        if value < step or value % step:
+            raise UserError(f"{name} {value} is not a positive multiple of {step}: use e.g. 480 or 832")
+    if frames < 1 or (frames - 1) % 4:
+        raise UserError(f"frame count {frames} is not of the form 4k+1: use e.g. 81")
+    box = torch.zeros(frames, height, width, dtype=torch.bool)
+    box[:, height // 4 : height - height // 4, width // 4 : width - width // 4] = True
+    return box, "a centred box covering a quarter of the frame (pass --mask for your own)"
+
+
+def _plan_target(model: str, height: int, width: int) -> Any:
+    """A WanVACEPipeline holding only the transformer and the scheduler (no text encoder or VAE to load)."""
+    from diffusers import UniPCMultistepScheduler, WanVACEPipeline, WanVACETransformer3DModel
+
+    if model == TINY_RANDOM:
+        pipe = build_tiny_random_pipeline()
+        transformer, tokenizer = pipe.transformer, pipe.tokenizer
+    else:
+        try:
+            transformer = WanVACETransformer3DModel.from_pretrained(
+                model, subfolder="transformer", dtype=torch.bfloat16
+            )
+        except (OSError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(
+                f"could not load the transformer of {model!r}: {first}: pass a local pipeline folder"
+            ) from None
+        tokenizer = None
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=default_flow_shift(height, width)
+    )
+    return WanVACEPipeline(
+        tokenizer=tokenizer, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer
+    )

@@ -1,0 +1,190 @@
+"""The side-by-side benchmark on the tiny random pipeline: every file, the documented schema, shared inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hetcache.bench import COLUMNS, RESULT_FILES, bench_main, parse_methods, plan_main, plan_table, run_bench
+from hetcache.cli import demo_clip
+from hetcache.errors import UserError
+from hetcache.methods import method_config
+from hetcache.pipeline import build_tiny_random_pipeline
+from hetcache.video import read_frames
+
+SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "RESULTS_SCHEMA.md"
+TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
+
+
+def schema_tables() -> list[dict[str, tuple[str, bool]]]:
+    """The doc's `| field | type | meaning |` tables, in order: field -> (type, nullable)."""
+    tables, current = [], None
+    for line in SCHEMA_DOC.read_text().splitlines():
+        if line.startswith("| field | type |"):
+            current = {}
+            tables.append(current)
+        elif current is not None and line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            kind = cells[1]
+            current[cells[0].strip("`")] = (kind.removesuffix(" or null"), kind.endswith(" or null"))
+        elif current is not None and not line.startswith("|"):
+            current = None
+    return tables
+
+
+def check(obj: dict, table: dict[str, tuple[str, bool]], where: str) -> None:
+    assert set(obj) == set(table), f"{where}: fields {sorted(set(obj) ^ set(table))} differ from the doc"
+    for key, (kind, nullable) in table.items():
+        value = obj[key]
+        if value is None:
+            assert nullable, f"{where}.{key} is null but the doc says {kind}"
+            continue
+        assert isinstance(value, TYPES[kind]), f"{where}.{key} = {value!r} is not {kind}"
+        if kind in ("integer", "number"):
+            assert not isinstance(value, bool), f"{where}.{key} is a boolean"
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    pipe = build_tiny_random_pipeline()
+    video, mask = demo_clip(frames=9, height=32, width=64)
+    out = tmp_path_factory.mktemp("bench")
+    lines = []
+    methods = ["full", ("fewer-steps", method_config("fewer-steps", never_skip=True)), "pab", "diffusers-fbc",
+               "cache-dit"]
+    results = run_bench(pipe, video, mask, "an empty road", methods, steps=3, seed=0, guidance=5.0, out_dir=out,
+                        fps=8.0, progress=lines.append)
+    return results, out, lines
+
+
+def test_every_file_is_written(bench):
+    _, out, _ = bench
+    for name in RESULT_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_json_follows_the_documented_schema(bench):
+    _, out, _ = bench
+    results = json.loads((out / "results.json").read_text())
+    top, settings, record = schema_tables()
+    check(results, top, "results")
+    assert results["schema"] == "hetcache-bench/1"
+    check(results["settings"], settings, "settings")
+    for method in results["methods"]:
+        check(method, record, method["name"])
+    assert [m["name"] for m in results["methods"]] == ["full", "fewer-steps", "pab", "diffusers-fbc"]
+    for skipped in results["skipped"]:
+        assert set(skipped) == {"name", "reason"}
+
+
+def test_csv_has_one_row_per_method_with_the_documented_columns(bench):
+    results, out, _ = bench
+    _, _, record = schema_tables()
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == COLUMNS == tuple(k for k in record if k not in ("config", "notes"))
+    assert [r[0] for r in rows[1:]] == [m["name"] for m in results["methods"]]
+
+
+def test_markdown_and_progress_name_every_method(bench):
+    results, out, lines = bench
+    report = (out / "results.md").read_text()
+    for method in results["methods"]:
+        assert f"| `{method['name']}` |" in report
+    assert len(lines) == len(results["methods"]) + len(results["skipped"])
+    assert [line.split()[0] for line in lines][:4] == ["full", "fewer-steps", "pab", "diffusers-fbc"]
+
+
+def test_methods_share_inputs_seed_and_latents(bench):
+    results, _, _ = bench
+    methods = {m["name"]: m for m in results["methods"]}
+    # fewer-steps at a fraction of 1 is `full` again: identical only if the inputs and latents are the same
+    assert methods["fewer-steps"]["identical"] and methods["full"]["identical"]
+    assert methods["full"]["speedup"] == 1.0 and methods["full"]["flops_ratio"] == 1.0
+    assert methods["full"]["psnr_frame"] is None and methods["full"]["ssim_frame"] == pytest.approx(1.0)
+    pab = methods["pab"]
+    assert not pab["identical"] and pab["flops_ratio"] < 1 and pab["psnr_frame"] > 0
+    assert len(pab["plan"]) == pab["steps"] == 3
+
+
+def test_side_by_side_is_a_grid_of_every_output(bench):
+    results, out, _ = bench
+    clip = read_frames(out / "side_by_side.mp4")
+    panels = 1 + len(results["methods"])  # the input, then each method
+    columns = int(np.ceil(np.sqrt(panels)))
+    rows = int(np.ceil(panels / columns))
+    assert clip.frames.shape == (9, rows * 32, columns * 64, 3)
+
+
+def test_missing_peer_is_skipped_with_a_reason(bench):
+    import importlib.util
+
+    results, _, _ = bench
+    if importlib.util.find_spec("cache_dit") is not None:
+        pytest.skip("cache-dit is installed here")
+    assert results["skipped"] == [{"name": "cache-dit", "reason": results["skipped"][0]["reason"]}]
+    assert "not installed" in results["skipped"][0]["reason"]
+
+
+def test_parse_methods_puts_full_first_and_rejects_unknown_names():
+    assert parse_methods("pab, teacache,pab") == ["full", "pab", "teacache"]
+    assert parse_methods("all")[0] == "full" and "cache-dit" in parse_methods("all")
+    with pytest.raises(UserError, match="unknown method 'tea'.*teacache"):
+        parse_methods("full,tea")
+
+
+def test_plan_table_previews_plans_and_costs():
+    pipe = build_tiny_random_pipeline()
+    mask = torch.zeros(9, 128, 224, dtype=torch.bool)
+    mask[:, 32:96, 64:160] = True
+    table = plan_table(pipe, 20, "fewer-steps,pab,hetcache-fast,adacache", mask=mask, text_len=16)
+    rows = {r["name"]: r for r in table}
+    assert rows["full"]["plan"] == "F" * 20 and rows["full"]["flops_ratio"] == 1.0
+    assert rows["fewer-steps"]["plan"] == "F" * 10 and rows["fewer-steps"]["flops_ratio"] == 0.5
+    assert len(rows["pab"]["plan"]) == 20 and 0 < rows["pab"]["flops_ratio"] < 1
+    assert re.fullmatch("F[FPR]*F", rows["hetcache-fast"]["plan"]) and rows["hetcache-fast"]["flops_ratio"] < 1
+    assert rows["adacache"]["plan"] is None and "adaptive" in rows["adacache"]["note"]
+
+
+def test_plan_main_prints_one_line_per_method(capsys):
+    plan_main("tiny-random", 12, "pab,hetcache-slow", None, 0.6, 9, 64, 96, None)
+    out = capsys.readouterr().out
+    assert re.search(r"^full +1\.000  F{12}$", out, re.M)
+    assert re.search(r"^pab ", out, re.M) and re.search(r"^hetcache-slow +0\.\d+  [FPR]{12}$", out, re.M)
+    with pytest.raises(UserError, match="--delta and --budget"):
+        plan_main("tiny-random", 12, "pab", 0.1, 0.5, 9, 64, 96, None)
+    with pytest.raises(UserError, match="unknown method"):
+        plan_main("tiny-random", 12, "nope", None, None, 9, 64, 96, None)
+
+
+def test_bench_main_writes_every_file(clip_files, tmp_path, capsys):
+    video, mask = clip_files
+    out = tmp_path / "out"
+    bench_main(video, mask, None, "an empty road", "", "pab", "tiny-random", 2, 9, 32, 64, 0, 5.0, "cpu", "auto",
+               out, None)
+    for name in RESULT_FILES:
+        assert (out / name).is_file()
+    assert "| `pab` |" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in results["methods"]] == ["full", "pab"]
+
+
+def test_bench_main_rejects_bad_input(clip_files, tmp_path):
+    video, mask = clip_files
+    args = (None, "an empty road", "", "pab", "tiny-random", 2, 9, 32, 64, 0, 5.0, "cpu", "auto")
+    with pytest.raises(UserError, match="unknown method"):
+        bench_main(video, mask, None, "an empty road", "", "full,nope", "tiny-random", 2, 9, 32, 64, 0, 5.0, "cpu",
+                   "auto", tmp_path, None)
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        bench_main(video, mask, *args, file, None)
+    with pytest.raises(UserError, match="prompt"):
+        bench_main(video, mask, None, " ", *args[2:], tmp_path, None)
