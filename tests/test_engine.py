@@ -180,6 +180,15 @@ def test_missing_mask_is_explained(model):
         call(model, tiny_inputs(0), 900.0)
 
 
+def test_timestep_level_plans_need_no_mask(model):
+    x = tiny_inputs(0)
+    hetcache.enable(model, cfg(plan="FRF"))
+    for t in (900.0, 800.0, 700.0):
+        call(model, x, t)
+    assert hetcache.stats(model).plan == "FRF"
+    assert hetcache.stats(model).tokens["generative"] == 72
+
+
 def test_ema_blends_non_generative_rows(model):
     x, y = tiny_inputs(0), tiny_inputs(1)
     config = cfg(plan="FP", margin_ratio=1.0, context_ratio=1.0, ema_alpha=0.5)

@@ -93,7 +93,10 @@ def test_wan_vace_1_3b_forward_is_about_110_tflop():
 def test_step_kinds_and_terms():
     shape = ModelShape.from_config(WAN_VACE_1_3B_CONFIG)
     d, tokens, text_len = shape.dim, 14040, 512
-    assert forward_flops(shape, tokens, 0, text_len, text_kv=True) == embed_flops(shape, tokens, text_len)
+    reuse = forward_flops(shape, tokens, 0, text_len, text_kv=True)
+    patch, time_mlp = 2 * tokens * d * 4 * 16, 2 * 256 * d + 2 * d * d
+    assert reuse == patch + time_mlp + 2 * tokens * d * 16 * 4  # latent patches, time MLP, head
+    assert reuse < 0.2 * embed_flops(shape, tokens, text_len)
     with_kv = block_flops(shape, 100, tokens, text_len, text_kv=True)
     assert with_kv - block_flops(shape, 100, tokens, text_len, text_kv=False) == 4 * text_len * d * d
     first = vace_block_flops(shape, 100, tokens, text_len, text_kv=False, first=True)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from hetcache import flops, plan, select, tokens
 from hetcache.config import HetCacheConfig
@@ -187,6 +188,9 @@ class HetCacheEngine:
                 pixel_mask.to(device), grid, num_reference_frames=references, **options
             )
         if self.user_mask is None:
+            partial_possible = "P" in self.config.plan if self.config.plan else self.config.kappa > 1.0
+            if not partial_possible:  # a timestep-level plan (TeaCache): no token is treated apart
+                return tokens.partition_tokens(torch.ones(grid, device=device), margin=0)
             raise ValueError(
                 "hetcache needs the edit mask: call the pipeline with mask=..., or pass mask= to hetcache.enable "
                 "(or hetcache.set_mask) when calling the transformer directly"
@@ -371,7 +375,7 @@ class HetCacheEngine:
     def assemble(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """norm_out's input: computed rows plus h_in + R elsewhere; refreshes R for the computed rows."""
         ctx = self.ctx
-        if ctx is None:  # norm_out called outside a transformer call
+        if ctx is None or ctx.kind == "R":  # outside a transformer call, or `reuse_forward` assembled it already
             return hidden_states
         branch = ctx.branch
         hidden_in = branch.hidden_in.float()
@@ -381,10 +385,9 @@ class HetCacheEngine:
                 self._select_context(hidden_states)
             return hidden_states
         full = hidden_in + branch.residual.float()
-        if ctx.kind == "P":
-            full.index_copy_(1, ctx.rows, hidden_states)
-            fresh = hidden_states - hidden_in.index_select(1, ctx.rows)
-            blend_rows(branch.residual, ctx.rows, fresh, ctx.update.blend)
+        full.index_copy_(1, ctx.rows, hidden_states)
+        fresh = hidden_states - hidden_in.index_select(1, ctx.rows)
+        blend_rows(branch.residual, ctx.rows, fresh, ctx.update.blend)
         return full
 
     # ---------------------------------------------------------------------------------------------- selection
@@ -474,6 +477,26 @@ def partial_row_count(partition: tokens.TokenPartition, config: HetCacheConfig) 
     return counts["generative"] + margin + select.context_count(counts["context"], config.context_ratio)
 
 
+def reuse_forward(transformer: torch.nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                  text: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """A REUSE call: patch embedding, h_in + R, the output head. Nothing else of the forward is needed, so
+    it is not run (the VACE embedding, RoPE tables, the text projection and 45 no-op block calls cost more
+    than the arithmetic here). The head follows `WanVACETransformer3DModel.forward`'s step 6."""
+    batch, _, frames, height, width = hidden_states.shape
+    p_t, p_h, p_w = transformer.config.patch_size
+    tokens = transformer.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
+    embedder = transformer.condition_embedder
+    timestep = embedder.timesteps_proj(timestep)
+    time_dtype = next(iter(embedder.time_embedder.parameters())).dtype
+    temb = embedder.time_embedder(timestep.to(time_dtype)).type_as(text)
+    shift, scale = (transformer.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+    hidden = tokens.float() + residual.float()
+    hidden = (transformer.norm_out(hidden) * (1 + scale) + shift).type_as(tokens)
+    hidden = transformer.proj_out(hidden)
+    hidden = hidden.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+    return hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
 # ------------------------------------------------------------------------------------------------------ hooks
 class TransformerHook(ModelHook):
     """Root hook: decides what each call does and keeps per-branch state (the only stateful hook)."""
@@ -491,17 +514,21 @@ class TransformerHook(ModelHook):
             self.state_manager.set_context(CacheContext(DEFAULT_CONTEXT))
         return self.state_manager.get_state(), self.state_manager.context.name
 
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         hidden_states = _call_arg(args, kwargs, 0, "hidden_states")
         timestep = _call_arg(args, kwargs, 1, "timestep")
         text = _call_arg(args, kwargs, 2, "encoder_hidden_states")
         branch, name = self._branch()
         self.engine.begin_call(hidden_states, timestep, text, branch, name)
-        return args, kwargs
-
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        self.engine.end_call()
-        return output
+        try:
+            if self.engine.ctx.kind != "R":
+                return self.fn_ref.original_forward(*args, **kwargs)
+            with torch.no_grad():
+                output = reuse_forward(module, hidden_states, timestep, text, branch.residual)
+            return Transformer2DModelOutput(sample=output) if _call_arg(args, kwargs, 6, "return_dict") in (
+                None, True) else (output,)
+        finally:
+            self.engine.end_call()
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()

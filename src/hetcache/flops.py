@@ -93,14 +93,24 @@ def embed_flops(shape: ModelShape, tokens: int, text_len: int) -> float:
     return float(patch_embed + time_embed + text_embed + head)
 
 
+def reuse_flops(shape: ModelShape, tokens: int) -> float:
+    """A REUSE call (`engine.reuse_forward`): latent patch embedding, time embedding MLP, head."""
+    d, patch = shape.dim, math.prod(shape.patch_size)
+    patch_embed = 2 * tokens * d * patch * shape.in_channels
+    time_embed = 2 * shape.freq_dim * d + 2 * d * d
+    head = 2 * tokens * d * shape.out_channels * patch
+    return float(patch_embed + time_embed + head)
+
+
 def forward_flops(shape: ModelShape, tokens: int, rows: int, text_len: int, *, text_kv: bool) -> float:
     """One transformer call: embedding and head on all `tokens`, every block on `rows` computed rows.
 
-    rows = tokens for FULL, the selected count for PARTIAL, 0 for REUSE (no block runs, so no block work and
-    no text K/V either). Keys are always all `tokens` (PARTIAL attends to the cached K/V of the others).
+    rows = tokens for FULL, the selected count for PARTIAL, 0 for REUSE (`reuse_flops`: the engine then runs
+    only the latent patch embedding, the time embedding and the head). Keys are always all `tokens` (PARTIAL
+    attends to the cached K/V of the others).
     """
     if rows == 0:
-        return embed_flops(shape, tokens, text_len)
+        return reuse_flops(shape, tokens)
     main = shape.num_layers * block_flops(shape, rows, tokens, text_len, text_kv=text_kv)
     vace = sum(
         vace_block_flops(shape, rows, tokens, text_len, text_kv=text_kv, first=i == 0)
