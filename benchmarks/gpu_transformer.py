@@ -243,6 +243,39 @@ def selection_parts(model, inputs, setting: Setting, timer: Timer) -> dict:
     return parts
 
 
+def profile_partial(model, inputs, setting: Setting, fraction: float = 0.15) -> dict:
+    """Where a PARTIAL forward at small r spends its time: host (Python, dispatch, launches) vs device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for compiled in (False, True):
+        config = hetcache.HetCacheConfig(plan="F" + "P" * 8, margin=0, margin_ratio=0.0, context_ratio=0.0,
+                                         selection="uniform", compile=compiled)
+        hetcache.enable(model, config, token_mask=box_coverage(setting.grid, fraction))
+        for _ in range(3):
+            forward(model, inputs)
+        if setting.device.type == "cuda":
+            torch.cuda.synchronize()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setting.device.type == "cuda" else [])
+        begin = time.perf_counter()
+        with profile(activities=activities) as prof:
+            forward(model, inputs)
+            if setting.device.type == "cuda":
+                torch.cuda.synchronize()
+        wall = time.perf_counter() - begin
+        hetcache.disable(model)
+        events = prof.key_averages()
+        device_total = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e6
+        top = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)[:8]
+        out["compiled" if compiled else "eager"] = {
+            "wall_s_profiled": wall,
+            "device_busy_s": device_total,
+            "kernel_launches": sum(e.count for e in events if e.key.startswith("cudaLaunchKernel")),
+            "top_device_ops": [(e.key[:60], e.count, getattr(e, "self_device_time_total", 0.0) / 1e3) for e in top],
+        }
+    return out
+
+
 def denoising_loops(model, inputs, setting: Setting, timer: Timer, compile: bool = False) -> list[dict]:
     """50 steps x 2 CFG branches per plan; speedup over the dense plan next to the analytic FLOPs speedup."""
     uncond = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].flip(1))
@@ -323,7 +356,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks that it runs)")
     parser.add_argument("--out", default=None, help="JSON file for every number")
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: forward,compile,loops,big")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: forward,compile,profile,loops,big")
     args = parser.parse_args()
     setting = smoke_setting() if args.smoke else real_setting()
     skip = set(filter(None, args.skip.split(",")))
@@ -346,6 +379,8 @@ def main() -> None:
         report["forward"] = engine_forward_times(model, inputs, setting, timer)
         if compile_too:
             report["forward_compiled"] = engine_forward_times(model, inputs, setting, timer, compile=True)
+    if "profile" not in skip:
+        report["profile_partial_r015"] = profile_partial(model, inputs, setting)
     if "loops" not in skip:
         report["loops"] = denoising_loops(model, inputs, setting, timer, compile=compile_too)
     if "big" not in skip:
@@ -393,6 +428,10 @@ def print_rest(report: dict) -> None:
         print(f"loop {row['plan']:<14} {row['letters']}  {row['seconds']:7.2f} s  speedup {row['speedup']:5.2f}  "
               f"FLOPs speedup {row['flops_speedup']:5.2f}  efficiency {row['efficiency']:.3f}  "
               f"cache {row['cache_bytes'] / 2**30:.2f} GiB  peak {(row['peak_bytes'] or 0) / 2**30:.1f} GiB")
+    for mode, prof in (report.get("profile_partial_r015") or {}).items():
+        print(f"profile PARTIAL r=0.15 {mode}: wall {1e3 * prof['wall_s_profiled']:.1f} ms, device busy "
+              f"{1e3 * prof['device_busy_s']:.1f} ms, {prof['kernel_launches']} kernel launches; top: "
+              + "; ".join(f"{name} x{count} {ms:.1f} ms" for name, count, ms in prof["top_device_ops"][:4]))
     big = report.get("big_block")
     if big:
         print(f"14B-shaped block, {big['tokens']} tokens: stock {1e3 * big['stock_s']:.1f} ms, engine FULL "

@@ -207,3 +207,17 @@ def test_ema_blends_non_generative_rows(model):
     assert (after[:, gen] - fresh[:, gen]).abs().max() <= TOL
     expected = 0.5 * before[:, context] + 0.5 * fresh[:, context]
     assert (after[:, context] - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("dtype, bytes_per_value, tolerance", [(torch.bfloat16, 2, 5e-3), (torch.float8_e4m3fn, 1, 5e-2)])
+def test_cache_dtype_shrinks_the_caches(model, dtype, bytes_per_value, tolerance):
+    def run(config):
+        hetcache.enable(model, config, mask=mask())
+        outs = [call(model, tiny_inputs(i), t) for i, t in enumerate((900.0, 800.0, 700.0, 600.0))]
+        text = sum(k.nbytes + v.nbytes for k, v in engine_of(model)._states["cond"].text_kv.values())
+        return outs[-1], hetcache.stats(model).cache_bytes - text  # text K/V stay in the compute dtype
+
+    reference, full_bytes = run(cfg(plan="FPRP"))
+    out, small_bytes = run(cfg(plan="FPRP", cache_dtype=dtype))
+    assert small_bytes == full_bytes * bytes_per_value // 4
+    assert (out - reference).norm() / reference.norm() < tolerance

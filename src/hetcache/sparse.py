@@ -79,12 +79,15 @@ def blend_rows(buffer: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor, b
 
     `old` defaults to the rows currently in the buffer.
     """
-    fresh = fresh.to(buffer.dtype)
     if blend is not None:
         old = buffer.index_select(1, index) if old is None else old
-        weight = blend.view(1, -1, *([1] * (fresh.dim() - 2))).to(buffer.dtype)
-        fresh = torch.lerp(fresh, old, weight)
-    buffer.index_copy_(1, index, fresh)
+        weight = blend.view(1, -1, *([1] * (fresh.dim() - 2))).float()
+        fresh = torch.lerp(fresh.float(), old.float(), weight)
+    fresh = fresh.to(buffer.dtype)
+    if buffer.element_size() == 1:  # float8 caches: index_copy_ has no float8 kernels, bytes move the same
+        buffer.view(torch.uint8).index_copy_(1, index, fresh.view(torch.uint8))
+    else:
+        buffer.index_copy_(1, index, fresh)
 
 
 def text_key_value(attn: torch.nn.Module, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
