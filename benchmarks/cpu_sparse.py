@@ -2,7 +2,8 @@
 
 A PARTIAL step that computes a fraction r of the token rows should cost about r of a FULL step: every
 sub-layer of every main and VACE block runs on the selected rows only. This script measures the ratio in one
-run (the machine's speed drifts between runs; ratios measured together are what count).
+run, alternating the engine's FULL and PARTIAL steps so that the machine's drifting speed hits both alike, and
+reports medians.
 
     .venv/bin/python benchmarks/cpu_sparse.py [--repeats 5] [--json out.json]
 
@@ -58,15 +59,6 @@ def coverage_for(fraction: float) -> torch.Tensor:
     return coverage
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -75,28 +67,31 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model, x = build_model(), inputs()
     timestep = torch.tensor([500.0])
+    n = GRID[0] * GRID[1] * GRID[2]
+    shape = flops.ModelShape.from_config(model.config)
 
-    def call() -> None:
+    def call() -> float:
+        start = time.perf_counter()
         with model.cache_context("cond"):
             model(timestep=timestep, return_dict=False, **x)
+        return time.perf_counter() - start
 
-    call()
-    results = {"stock_full_s": timed(call, args.repeats), "partial": []}
+    results = {"partial": []}
     for fraction in (0.5, 0.3):
-        steps = 1 + args.repeats + 1
-        config = hetcache.HetCacheConfig(plan="F" + "P" * (steps - 1), margin=0, margin_ratio=0.0, context_ratio=0.0)
+        # FULL and PARTIAL steps alternate, so drift of this machine's speed hits both alike.
+        plan = "F" + "PF" * (args.repeats + 1)
+        config = hetcache.HetCacheConfig(
+            plan=plan, margin=0, margin_ratio=0.0, context_ratio=0.0, selection="uniform"
+        )
         hetcache.enable(model, config, token_mask=coverage_for(fraction))
-        call()  # FULL: fills the caches
-        call()  # first PARTIAL: warm-up
-        partial = timed(call, args.repeats)
-        rows = hetcache.stats(model).rows[-1]
+        times = [call() for _ in plan]
+        rows = min(hetcache.stats(model).rows)  # the PARTIAL steps' row count
         hetcache.disable(model)
-        full = timed(call, args.repeats)  # stock FULL again, next to the PARTIAL timings
-        r = rows / (GRID[0] * GRID[1] * GRID[2])
-        shape = flops.ModelShape.from_config(model.config)
-        n = GRID[0] * GRID[1] * GRID[2]
+        full = statistics.median(times[2::2])  # FULL steps after the first
+        partial = statistics.median(times[1::2])
+        r = rows / n
         analytic = flops.forward_flops(shape, n, rows, TEXT_LEN, text_kv=False) / flops.forward_flops(
-            shape, n, n, TEXT_LEN, text_kv=True
+            shape, n, n, TEXT_LEN, text_kv=False
         )
         results["partial"].append(
             {"r": r, "rows": rows, "partial_s": partial, "full_s": full, "ratio": partial / full,

@@ -9,7 +9,8 @@ block, and a plan without PARTIAL steps runs the stock block forward on its FULL
 
 Deviations from TeaCache4Wan2.1, all from the engine's plan (`hetcache.plan`):
 - the polynomial value is clamped at 0, so the accumulator never decreases (TeaCache's Wan polynomial is
-  negative for rel-L1 < 0.0043 and > 0.102, which would make large changes cause skips);
+  negative for rel-L1 < 0.0043 and > 0.102, which would make large changes cause skips), and rel-L1 is capped
+  where the fitted polynomial peaks (about 0.079 for 1.3B), so a larger change never counts as a smaller one;
 - the last step always computes (with `use_ret_steps`, TeaCache4Wan2.1 does not force it);
 - one plan for both CFG branches (TeaCache keeps one accumulator per branch, but on Wan2.1 the modulation
   depends on the timestep only, so both branches decide the same);
