@@ -1,0 +1,62 @@
+"""The benchmark scripts run (CPU smoke mode) and report every field; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_transformer_smoke_writes_every_field(tmp_path):
+    out = tmp_path / "smoke.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_transformer.py"), "--smoke", "--skip", "compile,profile",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {"setting", "versions", "device", "date", "analytic_tflop_per_forward", "forward", "loops",
+            "big_block"} <= set(report)
+    forward = report["forward"]
+    for key in ("stock_s", "engine_full_s", "engine_full_rel_err", "reuse_s", "selection_overhead"):
+        assert isinstance(forward[key], float)
+    assert forward["engine_full_rel_err"] < 1e-5  # float32 on the CPU: the engine's FULL is the stock forward
+    assert [row["mask"][:3] for row in forward["partial"]] == ["box"] * 4 + ["dri"]
+    assert all(0 < row["r"] < 1 and row["rows"] > 0 for row in forward["partial"])
+    assert set(forward["selection_parts"]) == {"partition_s", "kmeans_s", "scores_s", "context_rows_s"}
+    loops = {row["plan"]: row for row in report["loops"]}
+    assert set(loops) == {"dense", "teacache-like", "hetcache-A", "hetcache-B"}
+    for row in loops.values():
+        assert len(row["letters"]) == 50 and row["flops"] <= row["dense_flops"]
+        assert row["flops_speedup"] == row["dense_flops"] / row["flops"]
+    assert loops["dense"]["letters"] == "F" * 50 and loops["hetcache-B"]["cache_bytes"] > 0
+    assert report["big_block"]["kv_bytes_per_layer_per_branch"] > 0
+    assert "PARTIAL" in result.stdout  # the table is printed last
+
+
+def test_cpu_sparse_reports_both_row_fractions(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cpu_sparse
+
+    monkeypatch.setattr(cpu_sparse, "GRID", (2, 8, 8))
+    monkeypatch.setattr(cpu_sparse, "build_model", _small_model)
+    out = tmp_path / "cpu.json"
+    monkeypatch.setattr(sys, "argv", ["cpu_sparse.py", "--repeats", "1", "--json", str(out)])
+    cpu_sparse.main()
+    rows = json.loads(out.read_text())["partial"]
+    assert [round(row["r"], 1) for row in rows] == [0.5, 0.3]
+    assert all(set(row) == {"r", "rows", "partial_s", "full_s", "ratio", "ratio_over_r", "analytic_ratio"} for row in rows)
+
+
+def _small_model():
+    from diffusers import WanVACETransformer3DModel
+
+    return WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=256, freq_dim=32, ffn_dim=64, num_layers=2, vace_layers=[0], vace_in_channels=96,
+        rope_max_seq_len=64,
+    ).eval()
