@@ -10,7 +10,19 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from hetcache.errors import UserError
-from hetcache.metrics import LPIPS, band, fidelity, psnr, ssim
+from hetcache.metrics import (
+    I3D,
+    LPIPS,
+    band,
+    clip_windows,
+    fidelity,
+    frechet_distance,
+    min_vfid_clips,
+    psnr,
+    ssim,
+    temporal_consistency,
+    vfid,
+)
 
 
 def frames(value: int = 100, shape=(3, 32, 48)) -> np.ndarray:
@@ -120,3 +132,101 @@ def test_lpips_missing_or_wrong_file_is_a_user_error(tmp_path):
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="differ"):
         psnr(noisy(0), noisy(0, shape=(2, 32, 48)))
+
+
+# ------------------------------------------------------------------------------------------------ temporal
+def ramp(values, shape=(16, 24)) -> np.ndarray:
+    """One constant frame per value."""
+    return np.stack([np.full((*shape, 3), v, dtype=np.uint8) for v in values])
+
+
+def test_temporal_consistency_of_identical_videos_is_zero():
+    video = noisy(5)
+    assert temporal_consistency(video, video) == {"temporal": 0.0, "flicker": 0.0}
+
+
+def test_temporal_consistency_measures_change_against_the_reference():
+    target = ramp([100, 110, 120])  # moves 10 levels per frame
+    frozen = ramp([100, 100, 100])
+    assert temporal_consistency(frozen, target) == {"temporal": 10.0, "flicker": -10.0}
+    jumpy = ramp([100, 130, 100])  # |D| = 30 per pair; D - D_ref = 20, then -40
+    assert temporal_consistency(jumpy, target) == {"temporal": 30.0, "flicker": 20.0}
+
+
+def test_temporal_consistency_counts_only_the_region():
+    target = ramp([100, 110, 120])
+    pred = target.copy()
+    pred[:, :, 12:] = 0  # wrong but static outside the region
+    region = np.zeros(pred.shape[:3], dtype=bool)
+    region[:, :, :12] = True
+    assert temporal_consistency(pred, target, region) == {"temporal": 0.0, "flicker": 0.0}
+    assert temporal_consistency(pred, target)["temporal"] == pytest.approx(5.0)  # half the pixels off by 10
+    assert temporal_consistency(pred[:1], target[:1]) == {"temporal": None, "flicker": None}
+    empty = np.zeros_like(region)
+    assert temporal_consistency(pred, target, empty) == {"temporal": None, "flicker": None}
+
+
+# ------------------------------------------------------------------------------------------------ VFID
+def test_clip_windows_cover_the_video_at_half_overlap():
+    assert clip_windows(81) == [slice(s, s + 16) for s in range(0, 66, 8)]
+    assert clip_windows(9) == [slice(0, 9)]
+    assert clip_windows(16) == [slice(0, 16)]
+    assert clip_windows(17) == [slice(0, 16)]
+
+
+def test_frechet_distance_of_known_gaussians():
+    mu = np.array([1.0, -2.0, 0.5])
+    sigma = np.diag([1.0, 4.0, 9.0])
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
+    # diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    other = np.diag([4.0, 1.0, 9.0])
+    assert frechet_distance(mu, sigma, mu + 1, other) == pytest.approx(3.0 + 1.0 + 1.0 + 0.0, abs=1e-9)
+
+
+def test_frechet_distance_with_non_commuting_covariances():
+    a = np.array([[2.0, 0.6], [0.6, 1.0]])
+    b = np.array([[1.0, -0.3], [-0.3, 3.0]])
+    product = a @ b  # 2x2 with positive eigenvalues: tr sqrt(AB) = sqrt(tr AB + 2 sqrt(det A det B))
+    cross = math.sqrt(np.trace(product) + 2 * math.sqrt(np.linalg.det(a) * np.linalg.det(b)))
+    expected = 1.0 + np.trace(a) + np.trace(b) - 2 * cross
+    assert frechet_distance(np.zeros(2), a, np.array([1.0, 0.0]), b) == pytest.approx(expected, abs=1e-9)
+
+
+def test_vfid_estimates_the_distance_from_samples_and_refuses_too_few():
+    rng = np.random.default_rng(0)
+    first = rng.normal(0.0, 1.0, size=(40_000, 2))
+    second = rng.normal(0.5, 2.0, size=(40_000, 2))
+    assert vfid(first, second) == pytest.approx(2 * 0.25 + 2 * (2.0 - 1.0) ** 2, abs=0.05)
+    assert min_vfid_clips(2) == 3
+    assert vfid(first[:3], second[:3]) >= 0
+    with pytest.raises(ValueError, match="at least 3 clips"):
+        vfid(first[:2], second)
+
+
+class ChannelMeans(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3, 4))  # [B, 3, T, H, W] -> [B, 3]
+
+
+class NoBatch(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean()
+
+
+def test_i3d_loads_a_torchscript_file_and_gives_one_row_per_clip(tmp_path):
+    path = tmp_path / "i3d.pt"
+    torch.jit.save(torch.jit.script(ChannelMeans()), str(path))
+    model = I3D(path, batch=2)
+    video = frames(51, shape=(33, 20, 30))
+    features = model(video)
+    assert features.shape == (len(clip_windows(33)), 3) == (3, 3)
+    assert np.allclose(features, 2 * 51 / 255 - 1, atol=1e-6)
+
+
+def test_i3d_wrong_file_or_output_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        I3D(tmp_path / "nope.pt")
+    path = tmp_path / "scalar.pt"
+    torch.jit.save(torch.jit.script(NoBatch()), str(path))
+    with pytest.raises(UserError, match=r"\[batch, dim\]"):
+        I3D(path)(frames(10, shape=(5, 8, 8)))

@@ -150,3 +150,147 @@ class LPIPS:
             t = _to_tensor(target[start : start + _CHUNK]).to(self.device) * 2 - 1
             total += float(self.model(p, t).double().reshape(len(p), -1).mean(dim=1).sum())
         return total / len(pred)
+
+
+# ------------------------------------------------------------------------------------------------ temporal
+def temporal_consistency(
+    pred: np.ndarray, target: np.ndarray, region: np.ndarray | None = None
+) -> dict[str, float | None]:
+    """How the frame-to-frame change of `pred` departs from the reference's, in 8-bit levels.
+
+    With D_t(x) = x[t+1] - x[t] per pixel and channel, over the pixels of region[t] | region[t+1] (None: every
+    pixel), pooled over all consecutive pairs and channels:
+    - "temporal": mean |D_t(pred) - D_t(target)|, 0 when pred moves exactly like the reference;
+    - "flicker": mean |D_t(pred)| - mean |D_t(target)|, > 0 when pred changes more between frames than the
+      reference (flicker, boiling texture), < 0 when it changes less (frozen content).
+    Both are None for a single frame or an empty region.
+    """
+    _check(pred, target, region)
+    error, moved_pred, moved_target, count = 0, 0, 0, 0
+    for t in range(len(pred) - 1):
+        step_pred = pred[t + 1].astype(np.int16) - pred[t].astype(np.int16)
+        step_target = target[t + 1].astype(np.int16) - target[t].astype(np.int16)
+        if region is not None:
+            pair = region[t] | region[t + 1]
+            step_pred, step_target = step_pred[pair], step_target[pair]
+        error += int(np.abs(step_pred - step_target).sum(dtype=np.int64))
+        moved_pred += int(np.abs(step_pred).sum(dtype=np.int64))
+        moved_target += int(np.abs(step_target).sum(dtype=np.int64))
+        count += step_pred.size
+    if count == 0:
+        return {"temporal": None, "flicker": None}
+    return {"temporal": error / count, "flicker": (moved_pred - moved_target) / count}
+
+
+# ------------------------------------------------------------------------------------------------ VFID
+# Clips for video features: VFID_CLIP_FRAMES consecutive frames (the whole video when shorter) starting every
+# VFID_CLIP_STRIDE frames, each resized to VFID_SIZE x VFID_SIZE, the input size of Kinetics-trained I3D models.
+VFID_CLIP_FRAMES = 16
+VFID_CLIP_STRIDE = 8
+VFID_SIZE = 224
+
+
+def clip_windows(num_frames: int, length: int = VFID_CLIP_FRAMES, stride: int = VFID_CLIP_STRIDE) -> list[slice]:
+    """The frame windows a video of `num_frames` frames contributes to VFID: one per start 0, stride, ... that
+    fits, or the whole video when it is shorter than `length`."""
+    if num_frames < 1 or length < 1 or stride < 1:
+        raise ValueError(f"need positive num_frames, length and stride, got {num_frames}, {length}, {stride}")
+    if num_frames <= length:
+        return [slice(0, num_frames)]
+    return [slice(start, start + length) for start in range(0, num_frames - length + 1, stride)]
+
+
+def min_vfid_clips(dim: int) -> int:
+    """Clips each set needs for a Fréchet distance on `dim`-dimensional features: dim + 1.
+
+    A sample covariance of n feature vectors has rank at most n - 1, so below dim + 1 clips it is singular and
+    the matrix square root in the distance is not defined by the data (the released HetCache evaluation used one
+    1024-d vector per video over a handful of videos). At the minimum the estimate is still noisy and biased
+    upwards: compare VFIDs only between sets of the same size.
+    """
+    return dim + 1
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
+
+    tr((S1 S2)^(1/2)) is computed as tr((R S2 R)^(1/2)) with R = S1^(1/2): both matrices have the same eigenvalues,
+    and R S2 R is symmetric, so two symmetric eigendecompositions in float64 replace a general matrix square
+    root (eigenvalues that rounding makes slightly negative count as 0).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    values, vectors = np.linalg.eigh(sigma1)
+    root = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+    inner = root @ sigma2 @ root
+    cross = np.sqrt(np.linalg.eigvalsh((inner + inner.T) / 2).clip(min=0)).sum()
+    distance = float(np.square(mu1 - mu2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * cross)
+    return max(distance, 0.0)  # rounding can leave -1e-16 for identical sets
+
+
+def vfid(reference: np.ndarray, generated: np.ndarray) -> float:
+    """Fréchet distance between two sets of clip features [n, dim] (mean and unbiased covariance of each set).
+
+    Raises ValueError when a set has fewer than `min_vfid_clips(dim)` clips, where the covariance is singular.
+    """
+    if reference.ndim != 2 or generated.ndim != 2 or reference.shape[1] != generated.shape[1]:
+        raise ValueError(f"feature sets must be [n, dim] of one dim, got {reference.shape} and {generated.shape}")
+    need = min_vfid_clips(reference.shape[1])
+    fewest = min(len(reference), len(generated))
+    if fewest < need:
+        raise ValueError(f"VFID needs at least {need} clips per set for {reference.shape[1]}-d features, got {fewest}")
+    sets = [features.astype(np.float64) for features in (reference, generated)]
+    (mu1, sigma1), (mu2, sigma2) = [(f.mean(axis=0), np.cov(f, rowvar=False)) for f in sets]
+    return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+class I3D:
+    """Video features from a model file the user provides (never downloaded): a TorchScript file or a whole
+    pickled `nn.Module` (e.g. an I3D network cut at its last pooling layer), called as `model(x)` on float
+    [B, 3, T, 224, 224] clips in [-1, 1] and returning [B, dim] features ([B, dim, ...] outputs are averaged over
+    the trailing dimensions, i.e. global average pooling). Calling it on a video gives one row per clip window.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", batch: int = 4) -> None:
+        self.model = _load_module(path, "I3D", device)
+        self.device = torch.device(device)
+        self.batch = batch
+
+    @torch.no_grad()
+    def __call__(self, video: np.ndarray) -> np.ndarray:
+        _check(video, video, None)
+        clips = [video[window] for window in clip_windows(len(video))]
+        rows = []
+        for start in range(0, len(clips), self.batch):
+            batch = torch.stack([self._clip(c) for c in clips[start : start + self.batch]]).to(self.device)
+            out = self.model(batch)
+            if out.ndim < 2 or out.shape[0] != len(batch):
+                shape = tuple(out.shape)
+                raise UserError(f"the I3D model returned shape {shape}: it must return [batch, dim] features")
+            rows.append(out.float().reshape(*out.shape[:2], -1).mean(dim=-1).cpu())
+        return torch.cat(rows).double().numpy()
+
+    @staticmethod
+    def _clip(frames: np.ndarray) -> torch.Tensor:
+        """uint8 [t, H, W, 3] -> float32 [3, t, 224, 224] in [-1, 1] (bilinear, antialiased)."""
+        x = F.interpolate(_to_tensor(frames), size=(VFID_SIZE, VFID_SIZE), mode="bilinear", antialias=True,
+                          align_corners=False)
+        return (x * 2 - 1).clamp(-1, 1).permute(1, 0, 2, 3)
+
+
+def _load_module(path: str | os.PathLike, what: str, device: str | torch.device) -> torch.nn.Module:
+    """A TorchScript file or a whole torch.save'd module, in eval mode on `device`; UserError otherwise."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} model file not found: {path}: pass a TorchScript or torch.save'd {what} module")
+    device = torch.device(device)
+    try:
+        model = torch.jit.load(str(path), map_location=device)
+    except RuntimeError:
+        try:
+            model = torch.load(str(path), map_location=device, weights_only=False)
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+            raise UserError(f"cannot load {what} model {path}: {error}: save it with torch.jit.save") from None
+        if not isinstance(model, torch.nn.Module):
+            raise UserError(f"{path} holds a {type(model).__name__}, not a module: save the whole {what} model")
+    return model.eval()
