@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
+import hetcache
+from hetcache import cli, methods
+from hetcache.bench import RESULT_FILES
+from hetcache.methods import METHOD_NAMES
 from hetcache.cli import app, demo_clip
 from hetcache.video import prepare_inputs, read_frames
 
@@ -55,6 +63,7 @@ def test_edit_composites_into_the_original_outside_the_mask(clip_files, tmp_path
     assert written.shape == prepared.video.shape
     np.testing.assert_array_equal(written[~prepared.mask], prepared.video[~prepared.mask])
     assert not np.array_equal(written[prepared.mask], prepared.video[prepared.mask])
+    assert "method   full: no cache" in result.stdout
 
 
 def test_no_composite_keeps_the_raw_output(clip_files, tmp_path):
@@ -88,6 +97,75 @@ def test_demo_writes_its_four_videos(tmp_path):
         assert read_frames(tmp_path / "demo" / name).frames.shape == clip.shape
     assert read_frames(tmp_path / "demo" / "side_by_side.mp4").frames.shape == (17, 128, 3 * 224, 3)
     assert "tiny-random, 2 steps" in result.stdout
+    assert re.search(r"^method   hetcache-fast: plan [FPR]{2} \(2 steps\), [0-9.]+ of the dense FLOPs", result.stdout,
+                     re.MULTILINE), result.stdout
+
+
+def test_edit_with_hetcache_fast_runs_the_plan_that_plan_for_predicts(clip_files, tiny_pipe, tmp_path):
+    video, mask = clip_files
+    steps = 6
+    result = invoke("edit", video, "--mask", mask, "-p", "a road", "-o", tmp_path / "o.mp4", "--method",
+                    "hetcache-fast", "--model", "tiny-random", "--steps", steps, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    pixel_mask = torch.from_numpy(prepare_inputs(video, mask).mask)
+    expected = hetcache.plan_for(tiny_pipe, steps, hetcache.HetCacheConfig.fast(), mask=pixel_mask, text_len=16)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("method "))
+    assert re.fullmatch(rf"method   hetcache-fast: plan {expected} \({steps} steps\), 0\.\d\d of the dense FLOPs "
+                        r"\(analytic\)", line), line
+    assert "R" in expected  # the cache reused something, so the FLOPs ratio above is below 1
+    assert "denoising" in result.stderr
+
+
+def test_edit_fewer_steps_runs_half_the_steps_at_half_the_flops(clip_files, tmp_path):
+    video, mask = clip_files
+    result = invoke("edit", video, "--mask", mask, "-p", "a road", "-o", tmp_path / "o.mp4", "--method",
+                    "fewer-steps", "--model", "tiny-random", "--steps", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "tiny-random, 2 steps" in result.stdout
+    assert "method   fewer-steps: plan FF (2 steps), 0.50 of the dense FLOPs (analytic)" in result.stdout
+
+
+def test_method_names_agree_with_hetcache_methods():
+    assert cli.METHOD_NAMES == METHOD_NAMES
+    assert cli.BENCH_METHODS.split(",") == list(methods.OWN_METHODS)
+
+
+def test_bench_writes_every_file_with_one_row_and_one_progress_line_per_method(clip_files, tmp_path):
+    video, mask = clip_files
+    out = tmp_path / "bench"
+    result = invoke("bench", video, "--mask", mask, "-p", "a road", "--methods", "pab,hetcache-fast,full",
+                    "--out", out, *TINY[:2], "--steps", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    names = ["full", "pab", "hetcache-fast"]
+    assert sorted(path.name for path in out.iterdir()) == sorted(RESULT_FILES)
+    assert [m["name"] for m in json.loads((out / "results.json").read_text())["methods"]] == names
+    with (out / "results.csv").open() as handle:
+        assert [row["name"] for row in csv.DictReader(handle)] == names
+    progress = [line.split()[0] for line in result.stderr.splitlines() if not line.startswith("note:")]
+    assert progress == names
+    assert all(f"| `{name}` |" in result.stdout for name in names)
+    assert read_frames(out / "side_by_side.mp4").frames.shape == (9, 2 * 32, 2 * 64, 3)
+
+
+def test_plan_prints_each_methods_letters_without_running_the_denoiser(tiny_pipe, monkeypatch):
+    def no_denoiser(*args, **kwargs):
+        raise AssertionError("plan ran the transformer")
+
+    monkeypatch.setattr(type(tiny_pipe.transformer), "forward", no_denoiser)
+    steps, frames, height, width = 12, 9, 32, 64
+    result = invoke("plan", "--model", "tiny-random", "--steps", steps, "--methods", "hetcache-slow,hetcache-fast,pab",
+                    "--frames", frames, "--height", height, "--width", width)
+    assert result.exit_code == 0, result.output
+    box = torch.zeros(frames, height, width, dtype=torch.bool)
+    box[:, height // 4 : height - height // 4, width // 4 : width - width // 4] = True  # plan's default mask
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:-1]}
+    assert list(rows) == ["full", "hetcache-slow", "hetcache-fast", "pab"]
+    assert rows["full"] == ["1.000", "F" * steps]
+    for name, config in (("hetcache-slow", hetcache.HetCacheConfig.slow()),
+                         ("hetcache-fast", hetcache.HetCacheConfig.fast())):
+        letters = hetcache.plan_for(tiny_pipe, steps, config, mask=box, text_len=16)
+        assert rows[name][1] == letters and 0 < float(rows[name][0]) < 1
+    assert re.fullmatch(rf"[FP]{{{steps}}}", rows["pab"][1])
 
 
 def test_demo_clip_mask_follows_the_moving_car():
@@ -119,6 +197,7 @@ BAD_INPUTS = {
     "bad dtype": ([*GOOD, "--dtype", "int8"], "unknown dtype"),
     "side-by-side twice": ([*GOOD, "--side-by-side", "{tmp}/s.mp4", "--no-side-by-side"], "conflict"),
     "output is a folder": ([*GOOD, "-o", "{tmp}/empty"], "is a folder"),
+    "unknown method": ([*GOOD, "--method", "nope"], "unknown method 'nope': use one of " + ", ".join(METHOD_NAMES)),
 }
 
 
@@ -149,6 +228,49 @@ def test_usage_errors_exit_2(args):
 def test_demo_out_that_is_a_file_is_a_user_error(tmp_path):
     (tmp_path / "file").write_text("x")
     assert_user_error(invoke("demo", "--out", tmp_path / "file"), "is a file")
+
+
+def test_demo_unknown_method_is_a_user_error_before_writing(tmp_path):
+    assert_user_error(invoke("demo", "--out", tmp_path / "demo", "--method", "nope"), "unknown method 'nope'")
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--methods", "full,nope"], "unknown method 'nope'"),
+        (["-p", " "], "prompt is empty"),
+        (["--out", "{tmp}/file"], "is a file"),
+    ],
+)
+def test_bench_bad_input_exits_2_with_one_line(args, expected, clip_files, tmp_path):
+    (tmp_path / "file").write_text("x")
+    video, mask = clip_files
+    base = ["bench", video, "--mask", mask, "-p", "a road", "--out", tmp_path / "bench", *TINY]
+    assert_user_error(invoke(*base, *(str(a).format(tmp=tmp_path) for a in args)), expected)
+    assert not (tmp_path / "bench").exists()
+
+
+def test_plan_with_delta_and_budget_is_a_user_error():
+    assert_user_error(invoke("plan", "--model", "tiny-random", "--delta", "0.1", "--budget", "0.5"), "give one of them")
+
+
+def test_help_and_input_errors_do_not_load_torch(tmp_path):
+    script = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from hetcache.cli import app\n"
+        "runner = CliRunner()\n"
+        "assert runner.invoke(app, ['--help']).exit_code == 0\n"
+        f"for args in (['edit', {str(tmp_path / 'missing.mp4')!r}, '--box', '0,0,8,8', '-p', 'a', '-o', 'o.mp4'],\n"
+        "             ['bench', 'v.mp4', '--box', '0,0,8,8', '-p', ' ', '--out', 'b'],\n"
+        "             ['edit', 'v.mp4', '--box', '0,0,8,8', '-p', 'a', '-o', 'o.mp4', '--method', 'nope']):\n"
+        "    assert runner.invoke(app, args).exit_code == 2, args\n"
+        "print(sorted(name for name in ('torch', 'diffusers', 'transformers') if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
 
 
 def test_console_script_prints_one_line_and_exits_2(tmp_path):

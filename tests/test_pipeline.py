@@ -65,11 +65,20 @@ def test_timings_progress_and_pipeline_left_unchanged(tiny_pipe, inputs):
     assert not hasattr(tiny_pipe, "_progress_bar_config")
 
 
-def test_progress_bar_setting_is_restored(inputs):
+@pytest.mark.parametrize("setting", [{"desc": "mine"}, {"desc": "mine", "disable": False}])
+def test_progress_bar_setting_is_restored(inputs, setting):
     pipe = build_tiny_random_pipeline()
-    pipe.set_progress_bar_config(desc="mine")
+    pipe.set_progress_bar_config(**setting)
+    during, stock = [], pipe.progress_bar
+
+    def spy(**kwargs):
+        during.append(dict(pipe._progress_bar_config))
+        return stock(**kwargs)
+
+    pipe.progress_bar = spy
     edit(pipe, inputs)
-    assert pipe._progress_bar_config == {"desc": "mine"}
+    assert during == [{**setting, "disable": True}]  # hidden during the call, whatever the user had set
+    assert pipe._progress_bar_config == setting
 
 
 def test_tiny_builder_is_deterministic_and_keeps_the_global_rng():

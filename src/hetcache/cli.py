@@ -1,7 +1,11 @@
-"""The `hetcache` command line: `edit` a masked region of a video, or run the built-in `demo`.
+"""The `hetcache` command line: `edit` a masked region of a video, run the built-in `demo`, `bench` the caches
+against each other on a video, or preview their step `plan`s.
 
-The commands only parse options, call `video` and `pipeline`, and report. Any `UserError` ends the command
-with one `error: ...` line on stderr and exit code 2, as do typer's own usage errors.
+The commands only parse options, call `video`, `pipeline`, `bench` and `hetcache.enable`, and report. Any
+`UserError` ends the command with one `error: ...` line on stderr and exit code 2, as do typer's own usage errors.
+torch and diffusers load only once a command needs them (`pipeline` imports them lazily, `hetcache.enable`
+resolves on first use, `bench` and `hetcache.methods` are imported inside the commands), so `--help` and the
+input checks that come before loading a model answer at once.
 """
 
 from __future__ import annotations
@@ -9,9 +13,11 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import av
 import click
@@ -19,11 +25,13 @@ import numpy as np
 import typer
 from tqdm import tqdm
 
+import hetcache
 from hetcache import video as vio
 from hetcache.errors import UserError
 from hetcache.pipeline import (
     DEFAULT_MODEL,
     TINY_RANDOM,
+    EditResult,
     check_prompt,
     load_pipeline,
     resolve_device,
@@ -33,6 +41,21 @@ from hetcache.pipeline import (
 
 USER_ERROR_EXIT = 2
 DEMO_PROMPT = "an empty road"
+NO_CACHE = "full"
+DEMO_METHOD = "hetcache-fast"
+# The names of `hetcache.methods`, repeated here because importing it loads torch and diffusers, which `--help` and
+# a mistyped name must not wait for; tests/test_cli.py checks that both lists agree.
+OWN_METHODS = ("full", "fewer-steps", "teacache", "pab", "adacache", "fastcache", "hetcache-slow", "hetcache-fast")
+PEER_METHODS = ("diffusers-fbc", "diffusers-magcache", "cache-dit")
+METHOD_NAMES = OWN_METHODS + PEER_METHODS
+BENCH_METHODS = ",".join(OWN_METHODS)
+METHOD_HELP = (
+    f"Cache to run: {NO_CACHE} (none), hetcache-fast, hetcache-slow, or a baseline "
+    f"({', '.join(name for name in METHOD_NAMES if name not in (NO_CACHE, 'hetcache-fast', 'hetcache-slow'))})."
+)
+METHODS_HELP = (
+    f"Comma-separated methods, or all; full always runs first as the reference. Names: {', '.join(METHOD_NAMES)}."
+)
 
 
 class _Group(typer.core.TyperGroup):
@@ -80,11 +103,39 @@ class EditRequest:
     crf: int = 18
     lossless: bool = False
     composite: bool = True
+    method: str = NO_CACHE
+
+
+def check_method(name: str) -> str:
+    """The name itself, or a UserError listing the valid ones (without importing `hetcache.methods`)."""
+    if name not in METHOD_NAMES:
+        raise UserError(f"unknown method {name!r}: use one of {', '.join(METHOD_NAMES)}")
+    return name
+
+
+def method_config(name: str) -> Any:
+    """The default config of method `name` for `hetcache.enable`, or None for `full` (the stock pipeline)."""
+    if check_method(name) == NO_CACHE:
+        return None
+    from hetcache import methods
+
+    reason = methods.unavailable_reason(name)
+    if reason is not None:
+        raise UserError(f"method {name!r} cannot run here: {reason}")
+    return methods.method_config(name)
+
+
+@contextmanager
+def step_bar(description: str, total: int) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr, and the `progress(done, total)` callback that `run_edit` drives it with."""
+    with tqdm(total=total, desc=description, unit="step", file=sys.stderr) as bar:
+        yield lambda done, _: bar.update(done - bar.n)
 
 
 def run_request(request: EditRequest) -> None:
-    """Prepare inputs, load the model, edit, write the outputs and print the summary."""
+    """Prepare inputs, load the model, enable the method's cache, edit, write the outputs and print the summary."""
     check_prompt(request.prompt)
+    check_method(request.method)
     outputs = [request.output] + ([request.side_by_side] if request.side_by_side is not None else [])
     for path in outputs:
         if path.is_dir():
@@ -104,26 +155,16 @@ def run_request(request: EditRequest) -> None:
         )
     for note in prepared.notes:
         typer.echo(f"note: {note}", err=True)
-    device = resolve_device(request.device)
-    dtype = resolve_dtype(request.dtype, device)
     num_frames, height, width = prepared.mask.shape
 
-    start = time.perf_counter()
+    start = time.perf_counter()  # "load" includes importing torch and diffusers, whichever step does it first
+    device = resolve_device(request.device)
+    dtype = resolve_dtype(request.dtype, device)
+    config = method_config(request.method)
     pipe = load_pipeline(request.model, device, dtype, height=height, width=width)
     load_s = time.perf_counter() - start
 
-    with tqdm(total=request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
-        result = run_edit(
-            pipe,
-            prepared.video,
-            prepared.mask,
-            request.prompt,
-            negative_prompt=request.negative_prompt,
-            steps=request.steps,
-            guidance=request.guidance,
-            seed=request.seed,
-            progress=lambda done, total: bar.update(done - bar.n),
-        )
+    result, cache_line = _edit_with_method(pipe, config, prepared, request)
     frames = vio.composite(prepared.video, result.frames, prepared.mask) if request.composite else result.frames
 
     written = [_write(request.output, frames, prepared.fps, request)]
@@ -137,12 +178,59 @@ def run_request(request: EditRequest) -> None:
         f"input    {_describe_source(request.video)} -> {width}x{height} x {num_frames} frames at {prepared.fps:g} fps",
         f"model    {request.model}, {result.steps} steps, guidance {request.guidance:g}, seed {request.seed}, "
         f"{device.type}/{str(dtype).removeprefix('torch.')}",
+        f"method   {request.method}: {cache_line}",
         "time     " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items()),
         f"output   {written[0]} ({kept})",
     ]
     if len(written) > 1:
         lines.append(f"side     {written[1]} (input | mask | output)")
     typer.echo("\n".join(lines))
+
+
+def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs,
+                      request: EditRequest) -> tuple[EditResult, str]:
+    """Run the edit with `config`'s cache enabled (None: the stock pipeline); the result and the summary's text
+    for the cache (executed plan letters and the analytic FLOPs ratio)."""
+    steps = request.steps
+    if config is not None:
+        from hetcache.methods import inference_steps
+
+        steps = inference_steps(config, request.steps)
+
+    def edit(progress: Callable[[int, int], None]) -> EditResult:
+        return run_edit(
+            pipe,
+            prepared.video,
+            prepared.mask,
+            request.prompt,
+            negative_prompt=request.negative_prompt,
+            steps=steps,
+            guidance=request.guidance,
+            seed=request.seed,
+            progress=progress,
+        )
+
+    if config is None:
+        with step_bar("denoising", steps) as progress:
+            return edit(progress), "no cache"
+
+    if hasattr(config, "prepare"):  # e.g. MagCache calibrates its ratios on one uncached run
+        with step_bar("calibrating", steps) as progress:
+            config.prepare(pipe.transformer, steps, lambda: edit(progress))
+    hetcache.enable(pipe, config)
+    with step_bar("denoising", steps) as progress:
+        result = edit(progress)
+    stats = hetcache.stats(pipe)
+    hetcache.disable(pipe)
+    for note in stats.notes:
+        typer.echo(f"note: {request.method}: {note}", err=True)
+    if stats.dense_flops > 0:
+        # Relative to the dense cost of the steps asked for, so fewer-steps shows its saving too.
+        ratio = stats.flops / (stats.dense_flops * request.steps / steps)
+        cost = f"{ratio:.2f} of the dense FLOPs (analytic)"
+    else:
+        cost = "FLOPs not observed"
+    return result, f"plan {stats.plan or '-'} ({steps} steps), {cost}"
 
 
 def _write(path: Path, frames: np.ndarray, fps: float, request: EditRequest) -> Path:
@@ -208,6 +296,7 @@ def edit(
     no_side_by_side: Annotated[
         bool, typer.Option("--no-side-by-side", help="Do not write the side-by-side video.")
     ] = False,
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = NO_CACHE,
 ) -> None:
     """Regenerate the masked region of VIDEO as PROMPT describes."""
     run_request(
@@ -232,6 +321,7 @@ def edit(
             crf=crf,
             lossless=lossless,
             composite=composite,
+            method=method,
         )
     )
 
@@ -274,8 +364,10 @@ def demo(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEMO_METHOD,
 ) -> None:
     """Edit a synthetic clip made in code, end to end (a few seconds on a CPU with the tiny model)."""
+    check_method(method)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     clip, mask = demo_clip()
@@ -296,7 +388,91 @@ def demo(
             guidance=guidance,
             device=device,
             dtype=dtype,
+            method=method,
         )
+    )
+
+
+@app.command()
+def bench(
+    video: Annotated[Path, typer.Argument(help="Input video file, folder of frames, or image.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What the masked region should show.")],
+    out: Annotated[Path, typer.Option(help="Folder for results.json/.csv/.md, pareto.png and side_by_side.mp4.")],
+    mask: Annotated[Path | None, typer.Option(help="Mask video, folder or image (white = generate).")] = None,
+    box: Annotated[
+        str | None, typer.Option(help="Box to generate instead of a mask: x0,y0,x1,y1 in source pixels.")
+    ] = None,
+    methods: Annotated[str, typer.Option(help=METHODS_HELP)] = BENCH_METHODS,
+    negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
+    model: Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")] = DEFAULT_MODEL,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps (fewer-steps runs a share of them).")] = 50,
+    frames: Annotated[int | None, typer.Option(help="Frames to edit (4k+1); default as many as fit, up to 81.")] = None,
+    height: Annotated[int | None, typer.Option(help="Model height (multiple of 16); default from the source.")] = None,
+    width: Annotated[int | None, typer.Option(help="Model width (multiple of 16); default from the source.")] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every method).")] = 0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 turns it off).")] = 5.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    lpips_weights: Annotated[
+        Path | None, typer.Option(help="LPIPS weights file; without it LPIPS is not computed.")
+    ] = None,
+) -> None:
+    """Edit VIDEO with every method from the same inputs and compare their speed and fidelity with full."""
+    check_prompt(prompt)  # before the seconds-long import of torch and diffusers
+    from hetcache.bench import bench_main
+
+    bench_main(
+        video=video,
+        mask=mask,
+        box=box,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        methods=methods,
+        model=model,
+        steps=steps,
+        frames=frames,
+        height=height,
+        width=width,
+        seed=seed,
+        guidance=guidance,
+        device=device,
+        dtype=dtype,
+        out=out,
+        lpips_weights=lpips_weights,
+    )
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")] = DEFAULT_MODEL,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
+    methods: Annotated[str, typer.Option(help=METHODS_HELP)] = BENCH_METHODS,
+    delta: Annotated[
+        float | None, typer.Option(help="Threshold of the HetCache presets (instead of their own).")
+    ] = None,
+    budget: Annotated[
+        float | None, typer.Option(help="FLOPs budget of the HetCache presets, a fraction of dense in (0, 1].")
+    ] = None,
+    frames: Annotated[int | None, typer.Option(help="Frames (4k+1); default 81, or the mask's.")] = None,
+    height: Annotated[int | None, typer.Option(help="Height (multiple of 16); default 480, or the mask's.")] = None,
+    width: Annotated[int | None, typer.Option(help="Width (multiple of 16); default 832, or the mask's.")] = None,
+    mask: Annotated[
+        Path | None, typer.Option(help="Mask video, folder or image; default a centred box of a quarter of the frame.")
+    ] = None,
+) -> None:
+    """Print each method's step plan and analytic cost, without running the denoiser."""
+    from hetcache.bench import plan_main
+
+    plan_main(
+        model=model,
+        steps=steps,
+        methods=methods,
+        delta=delta,
+        budget=budget,
+        frames=frames,
+        height=height,
+        width=width,
+        mask=mask,
     )
 
 

@@ -2,6 +2,9 @@
 
 The edit goes through the stock `WanVACEPipeline.__call__`; the stage timings come from a forward pre-hook on the
 transformer and from `callback_on_step_end`, so no pipeline code is copied and diffusers upgrades keep working.
+
+torch, diffusers and transformers are imported inside the functions that use them: the CLI imports this module
+for its constants and input checks, and `hetcache --help` or a bad argument must not wait seconds for them.
 """
 
 from __future__ import annotations
@@ -15,20 +18,18 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from diffusers import (
-    AutoencoderKLWan,
-    UniPCMultistepScheduler,
-    WanVACEPipeline,
-    WanVACETransformer3DModel,
-)
 from huggingface_hub import constants as hub_constants
 from PIL import Image
-from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from hetcache.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import WanVACEPipeline
+    from transformers import T5Tokenizer
 
 TINY_RANDOM = "tiny-random"
 DEFAULT_MODEL = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
@@ -47,18 +48,21 @@ _TINY_TEXT_LENGTH = 16
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _HUB_PROBE_TIMEOUT_S = 10.0
 
+# Accepted dtype names -> the torch attribute they name.
 _DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
 }
 
 
 def _tiny_tokenizer() -> T5Tokenizer:
     """A T5 unigram tokenizer built from an in-code vocabulary (no file, no download)."""
+    from transformers import T5Tokenizer
+
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
     vocab += [("\u2581" + word, -2.0) for word in _TINY_WORDS]
     vocab += [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)]
@@ -74,6 +78,10 @@ def build_tiny_random_pipeline(
     The same seed gives the same weights; the global RNG is left untouched. The rope table is as long as the
     real model's, so 480x832 at 81 frames still fits.
     """
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanVACEPipeline, WanVACETransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = _tiny_tokenizer()
@@ -135,6 +143,8 @@ def default_flow_shift(height: int, width: int) -> float:
 
 def resolve_device(device: str | None) -> torch.device:
     """Parse a device name; "auto" (or None) picks CUDA when available, else the CPU."""
+    import torch
+
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -155,10 +165,12 @@ def resolve_device(device: str | None) -> torch.device:
 
 def resolve_dtype(dtype: str | None, device: torch.device | str) -> torch.dtype:
     """Parse a dtype name; "auto" (or None) is bfloat16 on CUDA and float32 elsewhere."""
+    import torch
+
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     try:
-        return _DTYPES[dtype.lower()]
+        return getattr(torch, _DTYPES[dtype.lower()])
     except KeyError:
         raise UserError(f"unknown dtype {dtype!r}: use auto, {', '.join(_DTYPES)}") from None
 
@@ -177,6 +189,9 @@ def load_pipeline(
     is UniPC with the flow shift for the output size (`default_flow_shift`). A hub id is looked up in the local
     cache first, then with a single short online attempt, so an offline machine fails fast instead of retrying.
     """
+    import torch
+    from diffusers import UniPCMultistepScheduler
+
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device)
 
@@ -227,6 +242,9 @@ def _check_pipeline_folder(folder: Path) -> None:
 def _load_pretrained(source: str, dtype: torch.dtype, **kwargs) -> WanVACEPipeline:
     """The one loading path for folders and hub ids: VAE in float32, the rest in `dtype` (`dtype=` is the
     spelling diffusers 0.42 prefers over the deprecated `torch_dtype=`)."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanVACEPipeline
+
     with warnings.catch_warnings():
         # diffusers 0.42 still passes an argument that huggingface_hub 1.x+ ignores; the warning means nothing here.
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
@@ -315,6 +333,8 @@ def run_edit(
     is called after every denoising step; the pipeline's own progress bar is hidden during the call. The
     pipeline is left as it was (hooks removed, progress bar setting restored).
     """
+    import torch
+
     check_prompt(prompt)
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
@@ -346,7 +366,7 @@ def run_edit(
 
     had_bar_config = hasattr(pipe, "_progress_bar_config")
     bar_config = getattr(pipe, "_progress_bar_config", None)
-    pipe.set_progress_bar_config(**(bar_config or {}), disable=True)
+    pipe.set_progress_bar_config(**{**(bar_config or {}), "disable": True})
     handle = pipe.transformer.register_forward_pre_hook(on_first_denoiser_call)
     try:
         sync()
