@@ -282,3 +282,17 @@ def test_console_script_prints_one_line_and_exits_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: video not found"), done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_analyze_writes_its_json_and_figures(clip_files, tmp_path):
+    video, mask = clip_files
+    out = tmp_path / "analysis"
+    result = invoke("analyze", video, "--mask", mask, "-p", "an empty road", "--out", out, *TINY)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "analysis.png", "mass_by_class.png"]
+    assert len(json.loads((out / "analysis.json").read_text())["steps"]) == 2
+
+
+def test_eval_of_a_missing_dataset_exits_2_with_one_line(tmp_path):
+    result = invoke("eval", "--dataset", tmp_path / "nowhere", "--out", tmp_path / "out", "--model", "tiny-random")
+    assert_user_error(result, "nowhere")

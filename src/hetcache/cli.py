@@ -476,6 +476,65 @@ def plan(
     )
 
 
+@app.command("eval")
+def evaluate(
+    dataset: Annotated[Path, typer.Option(help="Dataset folder (docs/EVAL.md describes each layout).")],
+    out: Annotated[Path, typer.Option(help="Folder for per-item and aggregate tables; finished items are skipped.")],
+    layout: Annotated[str, typer.Option(help="vace-benchmark, vpbench or folder.")] = "folder",
+    methods: Annotated[str, typer.Option(help=METHODS_HELP)] = BENCH_METHODS,
+    model: Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")] = DEFAULT_MODEL,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
+    frames: Annotated[int | None, typer.Option(help="Frames per item (4k+1); default as many as fit, up to 81.")] = None,
+    height: Annotated[int | None, typer.Option(help="Model height (multiple of 16); default from the source.")] = None,
+    width: Annotated[int | None, typer.Option(help="Model width (multiple of 16); default from the source.")] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every method).")] = 0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 turns it off).")] = 5.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    lpips_weights: Annotated[Path | None, typer.Option(help="LPIPS weights file; without it LPIPS is skipped.")] = None,
+    i3d_weights: Annotated[Path | None, typer.Option(help="I3D weights file for VFID; without it VFID is skipped.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items.")] = None,
+) -> None:
+    """Run methods over a dataset of (video, mask, prompt) items and tabulate quality against references."""
+    from hetcache.evaluate import eval_main
+
+    eval_main(dataset=dataset, layout=layout, methods=methods, model=model, steps=steps, out=out, frames=frames,
+              height=height, width=width, seed=seed, guidance=guidance, device=device, dtype=dtype,
+              lpips_weights=lpips_weights, i3d_weights=i3d_weights, limit=limit)
+
+
+@app.command()
+def analyze(
+    video: Annotated[Path, typer.Argument(help="Input video file, folder of frames, or image.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What the masked region should show.")],
+    out: Annotated[Path, typer.Option(help="Folder for analysis.json, analysis.png and mass_by_class.png.")],
+    mask: Annotated[Path | None, typer.Option(help="Mask video, folder or image (white = generate).")] = None,
+    box: Annotated[
+        str | None, typer.Option(help="Box to generate instead of a mask: x0,y0,x1,y1 in source pixels.")
+    ] = None,
+    negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
+    model: Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")] = DEFAULT_MODEL,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
+    frames: Annotated[int | None, typer.Option(help="Frames to edit (4k+1); default as many as fit, up to 81.")] = None,
+    height: Annotated[int | None, typer.Option(help="Model height (multiple of 16); default from the source.")] = None,
+    width: Annotated[int | None, typer.Option(help="Model width (multiple of 16); default from the source.")] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 turns it off).")] = 5.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    preset: Annotated[str, typer.Option(help="HetCache preset whose plan is drawn.")] = "hetcache-slow",
+    delta: Annotated[float | None, typer.Option(help="Threshold instead of the preset's budget.")] = None,
+    budget: Annotated[float | None, typer.Option(help="FLOPs budget instead of the preset's.")] = None,
+) -> None:
+    """Per-step plan signal, last-block attention maps and attention mass per token class, as JSON and figures."""
+    check_prompt(prompt)
+    from hetcache.analysis import analyze_main
+
+    analyze_main(video=video, mask=mask, box=box, prompt=prompt, model=model, steps=steps, frames=frames,
+                 height=height, width=width, seed=seed, guidance=guidance, device=device, dtype=dtype, out=out,
+                 preset=preset, delta=delta, budget=budget, negative_prompt=negative_prompt)
+
+
 def main() -> None:
     """Console-script entry point (`hetcache`). UserErrors end as one line and exit code 2 (see `_Group`)."""
     app(prog_name="hetcache")
