@@ -79,6 +79,25 @@ app = typer.Typer(
 )
 
 
+# Options shared by several commands.
+ModelOpt = Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
+StepsOpt = Annotated[int, typer.Option(min=1, help="Denoising steps.")]
+WidthOpt = Annotated[int | None, typer.Option(help="Model width (multiple of 16); default from the source.")]
+HeightOpt = Annotated[int | None, typer.Option(help="Model height (multiple of 16); default from the source.")]
+GuidanceOpt = Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 turns it off).")]
+MethodsOpt = Annotated[str, typer.Option(help=METHODS_HELP)]
+NegativeOpt = Annotated[str, typer.Option(help="What to steer away from.")]
+PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="What the masked region should show.")]
+FramesOpt = Annotated[int | None, typer.Option(help="Frames to edit (4k+1); default as many as fit, up to 81.")]
+VideoArg = Annotated[Path, typer.Argument(help="Input video file, folder of frames, or image.")]
+MaskOpt = Annotated[Path | None, typer.Option(help="Mask video, folder or image (white = generate).")]
+BoxOpt = Annotated[
+    str | None, typer.Option(help="Box to generate instead of a mask: x0,y0,x1,y1 in source pixels.")
+]
+
+
 @dataclass
 class EditRequest:
     """Everything one edit needs, shared by `edit` and `demo`."""
@@ -265,24 +284,22 @@ def _side_by_side_path(output: Path, side_by_side: Path | None, no_side_by_side:
 
 @app.command()
 def edit(
-    video: Annotated[Path, typer.Argument(help="Input video file, folder of frames, or image.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What the masked region should show.")],
+    video: VideoArg,
+    prompt: PromptOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output mp4.")],
-    mask: Annotated[Path | None, typer.Option(help="Mask video, folder or image (white = generate).")] = None,
-    box: Annotated[
-        str | None, typer.Option(help="Box to generate instead of a mask: x0,y0,x1,y1 in source pixels.")
-    ] = None,
-    negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
-    model: Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")] = DEFAULT_MODEL,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
-    frames: Annotated[int | None, typer.Option(help="Frames to edit (4k+1); default as many as fit, up to 81.")] = None,
+    mask: MaskOpt = None,
+    box: BoxOpt = None,
+    negative_prompt: NegativeOpt = "",
+    model: ModelOpt = DEFAULT_MODEL,
+    steps: StepsOpt = 50,
+    frames: FramesOpt = None,
     stride: Annotated[int, typer.Option(min=1, help="Take every stride-th source frame.")] = 1,
-    height: Annotated[int | None, typer.Option(help="Model height (multiple of 16); default from the source.")] = None,
-    width: Annotated[int | None, typer.Option(help="Model width (multiple of 16); default from the source.")] = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 turns it off).")] = 5.0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    guidance: GuidanceOpt = 5.0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     crf: Annotated[int, typer.Option(min=0, max=51, help="H.264 quality (lower is better).")] = 18,
     lossless: Annotated[
         bool, typer.Option("--lossless", help="Write lossless RGB H.264 (exact pixels, less portable).")
@@ -357,12 +374,12 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for input.mp4, mask.mp4, output.mp4 and side_by_side.mp4.")] = Path(
         "demo_out"
     ),
-    model: Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")] = TINY_RANDOM,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What the masked region should show.")] = DEMO_PROMPT,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 8,
+    model: ModelOpt = TINY_RANDOM,
+    prompt: PromptOpt = DEMO_PROMPT,
+    steps: StepsOpt = 8,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEMO_METHOD,
 ) -> None:
@@ -395,24 +412,22 @@ def demo(
 
 @app.command()
 def bench(
-    video: Annotated[Path, typer.Argument(help="Input video file, folder of frames, or image.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What the masked region should show.")],
+    video: VideoArg,
+    prompt: PromptOpt,
     out: Annotated[Path, typer.Option(help="Folder for results.json/.csv/.md, pareto.png and side_by_side.mp4.")],
-    mask: Annotated[Path | None, typer.Option(help="Mask video, folder or image (white = generate).")] = None,
-    box: Annotated[
-        str | None, typer.Option(help="Box to generate instead of a mask: x0,y0,x1,y1 in source pixels.")
-    ] = None,
-    methods: Annotated[str, typer.Option(help=METHODS_HELP)] = BENCH_METHODS,
-    negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
-    model: Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")] = DEFAULT_MODEL,
+    mask: MaskOpt = None,
+    box: BoxOpt = None,
+    methods: MethodsOpt = BENCH_METHODS,
+    negative_prompt: NegativeOpt = "",
+    model: ModelOpt = DEFAULT_MODEL,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps (fewer-steps runs a share of them).")] = 50,
-    frames: Annotated[int | None, typer.Option(help="Frames to edit (4k+1); default as many as fit, up to 81.")] = None,
-    height: Annotated[int | None, typer.Option(help="Model height (multiple of 16); default from the source.")] = None,
-    width: Annotated[int | None, typer.Option(help="Model width (multiple of 16); default from the source.")] = None,
+    frames: FramesOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
     seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every method).")] = 0,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 turns it off).")] = 5.0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    guidance: GuidanceOpt = 5.0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     lpips_weights: Annotated[
         Path | None, typer.Option(help="LPIPS weights file; without it LPIPS is not computed.")
     ] = None,
@@ -444,9 +459,9 @@ def bench(
 
 @app.command()
 def plan(
-    model: Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")] = DEFAULT_MODEL,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
-    methods: Annotated[str, typer.Option(help=METHODS_HELP)] = BENCH_METHODS,
+    model: ModelOpt = DEFAULT_MODEL,
+    steps: StepsOpt = 50,
+    methods: MethodsOpt = BENCH_METHODS,
     delta: Annotated[
         float | None, typer.Option(help="Threshold of the HetCache presets (instead of their own).")
     ] = None,
@@ -481,16 +496,16 @@ def evaluate(
     dataset: Annotated[Path, typer.Option(help="Dataset folder (docs/EVAL.md describes each layout).")],
     out: Annotated[Path, typer.Option(help="Folder for per-item and aggregate tables; finished items are skipped.")],
     layout: Annotated[str, typer.Option(help="vace-benchmark, vpbench or folder.")] = "folder",
-    methods: Annotated[str, typer.Option(help=METHODS_HELP)] = BENCH_METHODS,
-    model: Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")] = DEFAULT_MODEL,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
+    methods: MethodsOpt = BENCH_METHODS,
+    model: ModelOpt = DEFAULT_MODEL,
+    steps: StepsOpt = 50,
     frames: Annotated[int | None, typer.Option(help="Frames per item (4k+1); default as many as fit, up to 81.")] = None,
-    height: Annotated[int | None, typer.Option(help="Model height (multiple of 16); default from the source.")] = None,
-    width: Annotated[int | None, typer.Option(help="Model width (multiple of 16); default from the source.")] = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
     seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every method).")] = 0,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 turns it off).")] = 5.0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    guidance: GuidanceOpt = 5.0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     lpips_weights: Annotated[Path | None, typer.Option(help="LPIPS weights file; without it LPIPS is skipped.")] = None,
     i3d_weights: Annotated[Path | None, typer.Option(help="I3D weights file for VFID; without it VFID is skipped.")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items.")] = None,
@@ -505,23 +520,21 @@ def evaluate(
 
 @app.command()
 def analyze(
-    video: Annotated[Path, typer.Argument(help="Input video file, folder of frames, or image.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What the masked region should show.")],
+    video: VideoArg,
+    prompt: PromptOpt,
     out: Annotated[Path, typer.Option(help="Folder for analysis.json, analysis.png and mass_by_class.png.")],
-    mask: Annotated[Path | None, typer.Option(help="Mask video, folder or image (white = generate).")] = None,
-    box: Annotated[
-        str | None, typer.Option(help="Box to generate instead of a mask: x0,y0,x1,y1 in source pixels.")
-    ] = None,
-    negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
-    model: Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")] = DEFAULT_MODEL,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
-    frames: Annotated[int | None, typer.Option(help="Frames to edit (4k+1); default as many as fit, up to 81.")] = None,
-    height: Annotated[int | None, typer.Option(help="Model height (multiple of 16); default from the source.")] = None,
-    width: Annotated[int | None, typer.Option(help="Model width (multiple of 16); default from the source.")] = None,
+    mask: MaskOpt = None,
+    box: BoxOpt = None,
+    negative_prompt: NegativeOpt = "",
+    model: ModelOpt = DEFAULT_MODEL,
+    steps: StepsOpt = 50,
+    frames: FramesOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 turns it off).")] = 5.0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    guidance: GuidanceOpt = 5.0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     preset: Annotated[str, typer.Option(help="HetCache preset whose plan is drawn.")] = "hetcache-slow",
     delta: Annotated[float | None, typer.Option(help="Threshold instead of the preset's budget.")] = None,
     budget: Annotated[float | None, typer.Option(help="FLOPs budget instead of the preset's.")] = None,
