@@ -1,0 +1,71 @@
+"""Self-attention of PARTIAL steps alone: q of n selected rows against all N keys, per attention backend.
+
+A PARTIAL step's attention runs n query rows against N = 14,040 keys (Wan2.1-VACE-1.3B, 480x832, 33 frames;
+12 heads of 128). At small n a flash kernel's grid (query tiles x heads) can leave the last wave of the GPU's
+multiprocessors half empty. This times each available backend of diffusers' dispatcher at several n and prints
+the time per query row relative to n = N, so the effect (and a backend that avoids it) shows directly.
+
+    python benchmarks/attention_backends.py --out attention.json      # on the GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+TOKENS, HEADS, HEAD_DIM = 14_040, 12, 128
+ROWS = (14_040, 6_993, 4_176, 2_160, 1_080)
+BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")
+
+
+def time_backend(backend: str, rows: int, repeats: int) -> float:
+    generator = torch.Generator("cuda").manual_seed(rows)
+    q = torch.randn(1, rows, HEADS, HEAD_DIM, generator=generator, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, TOKENS, HEADS, HEAD_DIM, generator=generator, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, TOKENS, HEADS, HEAD_DIM, generator=generator, device="cuda", dtype=torch.bfloat16)
+    run = lambda: dispatch_attention_fn(q, k, v, backend=backend)  # noqa: E731
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "times_ms": {}}
+    for backend in BACKENDS:
+        try:
+            report["times_ms"][backend] = {rows: time_backend(backend, rows, args.repeats) for rows in ROWS}
+        except Exception as error:  # a backend this build lacks
+            report["times_ms"][backend] = {"error": f"{type(error).__name__}: {error}"[:200]}
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(report, handle, indent=2)
+    print(f"{report['device']}, torch {report['torch']}: ms per call (x per-row cost at n = N)")
+    print(f"{'backend':<20}" + "".join(f"{rows:>16}" for rows in ROWS))
+    for backend, times in report["times_ms"].items():
+        if "error" in times:
+            print(f"{backend:<20}{times['error']}")
+            continue
+        full = times[TOKENS] / TOKENS
+        print(f"{backend:<20}" + "".join(f"{t:9.2f} ({t / rows / full:4.2f})" for rows, t in times.items()))
+
+
+if __name__ == "__main__":
+    main()
