@@ -10,6 +10,18 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning threads make them
+    tens of times slower while other tests run. Modules opt in with `pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """One tiny random WanVACEPipeline for the session (float32, CPU); tests must not modify it."""

@@ -31,14 +31,7 @@ from hetcache.pipeline import load_pipeline, run_edit
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning threads make them
-    tens of times slower while other tests run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_recomputed_queries_and_keys_reproduce_the_blocks_attention():

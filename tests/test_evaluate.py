@@ -31,14 +31,7 @@ METHODS = "full,fewer-steps"
 PROMPTS = ("an empty road", "a red car on the road", "a blue car")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning threads make them
-    tens of times slower while other tests run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clip(index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@ import pytest
 import torch
 from diffusers import WanVACETransformer3DModel
 from diffusers.models.attention_dispatch import attention_backend
+from tiny_models import diffusers_test_transformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from hetcache.flops import (
@@ -29,23 +30,7 @@ WAN_VACE_1_3B_CONFIG = {
 
 
 def tiny_transformer(num_layers: int, vace_layers: list[int]) -> WanVACETransformer3DModel:
-    torch.manual_seed(0)
-    return WanVACETransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-        vace_layers=vace_layers,
-        vace_in_channels=96,
-    ).eval()
+    return diffusers_test_transformer(num_layers, tuple(vace_layers))
 
 
 @pytest.mark.parametrize(("num_layers", "vace_layers"), [(3, [0, 2]), (4, [0, 3])])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import WanVACETransformer3DModel
+from tiny_models import diffusers_test_transformer
 
 from hetcache.plan import (
     STEP_KINDS,
@@ -235,23 +236,7 @@ def test_step_distances_teacache_polynomial():
 
 
 def tiny_transformer() -> WanVACETransformer3DModel:
-    torch.manual_seed(0)
-    return WanVACETransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=3,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-        vace_layers=[0, 2],
-        vace_in_channels=96,
-    ).eval()
+    return diffusers_test_transformer(3, (0, 2))
 
 
 def test_timestep_modulations_match_condition_embedder():

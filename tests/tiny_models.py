@@ -23,6 +23,16 @@ def tiny_transformer(num_layers: int = 4, vace_layers: tuple[int, ...] = (0, 2),
     return model.eval()
 
 
+def diffusers_test_transformer(num_layers: int = 3, vace_layers: tuple[int, ...] = (0, 2)) -> WanVACETransformer3DModel:
+    """diffusers' own WanVACE test configuration (2 heads x 12, FFN 32), default initialisation."""
+    torch.manual_seed(0)
+    return WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, vace_layers=list(vace_layers), vace_in_channels=96,
+    ).eval()
+
+
 def tiny_inputs(seed: int = 0, grid: tuple[int, int, int] = (3, 4, 6), text_len: int = 8) -> dict[str, torch.Tensor]:
     """Latents, VACE control and text for a token grid (T', H', W') of patch (1, 2, 2)."""
     generator = torch.Generator().manual_seed(seed)
