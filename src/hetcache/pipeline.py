@@ -59,7 +59,7 @@ _DTYPES = {
 }
 
 
-def _tiny_tokenizer() -> T5Tokenizer:
+def tiny_tokenizer() -> T5Tokenizer:
     """A T5 unigram tokenizer built from an in-code vocabulary (no file, no download)."""
     from transformers import T5Tokenizer
 
@@ -67,6 +67,28 @@ def _tiny_tokenizer() -> T5Tokenizer:
     vocab += [("\u2581" + word, -2.0) for word in _TINY_WORDS]
     vocab += [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=_TINY_TEXT_LENGTH)
+
+
+def tiny_text_encoder(vocab_size: int) -> torch.nn.Module:
+    """A 2-layer UMT5 encoder of width 32 (random weights from the global RNG): the text side of the tiny models."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=vocab_size,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
 
 
 def build_tiny_random_pipeline(
@@ -80,27 +102,11 @@ def build_tiny_random_pipeline(
     """
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanVACEPipeline, WanVACETransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tokenizer = _tiny_tokenizer()
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tokenizer),
-                d_model=32,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=32,
-                feed_forward_proj="gated-gelu",
-                is_encoder_decoder=False,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
+        tokenizer = tiny_tokenizer()
+        text_encoder = tiny_text_encoder(len(tokenizer))
         vae = AutoencoderKLWan(
             base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
         )
