@@ -33,7 +33,7 @@ def tiny_pipe():
 @pytest.fixture
 def clip_files(tmp_path: Path) -> tuple[Path, Path]:
     """A 9-frame 64x32 (WxH) road clip and its moving mask, written losslessly as clip.mp4 and mask.mp4."""
-    from hetcache.cli import demo_clip
+    from tiny_models import demo_clip
     from hetcache.video import write_mask_video, write_video
 
     video, mask = demo_clip(frames=9, height=32, width=64)

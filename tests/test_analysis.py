@@ -24,7 +24,7 @@ from hetcache.analysis import (
     mean_attention,
     query_key_value,
 )
-from hetcache.cli import demo_clip
+from tiny_models import demo_clip
 from hetcache.errors import UserError
 from hetcache.pipeline import load_pipeline, run_edit
 

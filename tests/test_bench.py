@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hetcache.bench import COLUMNS, RESULT_FILES, bench_main, parse_methods, plan_main, plan_table, run_bench
-from hetcache.cli import demo_clip
+from tiny_models import demo_clip
 from hetcache.errors import UserError
 from hetcache.methods import method_config
 from hetcache.pipeline import build_tiny_random_pipeline

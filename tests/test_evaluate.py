@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hetcache import evaluate
-from hetcache.cli import demo_clip
+from tiny_models import demo_clip
 from hetcache.errors import UserError
 from hetcache.evaluate import (
     AGGREGATE_COLUMNS,

@@ -17,7 +17,7 @@ from tiny_models import box_mask, tiny_inputs, tiny_transformer
 
 import hetcache
 from hetcache import flops
-from hetcache.cli import demo_clip
+from tiny_models import demo_clip
 from hetcache.engine import HOOK_NAME
 from hetcache.errors import UserError
 from hetcache.methods import METHOD_NAMES, inference_steps, method_config, unavailable_reason

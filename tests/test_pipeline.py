@@ -222,3 +222,12 @@ def test_mask_of_another_shape_is_refused(tiny_pipe, inputs):
     video, mask = inputs
     with pytest.raises(UserError, match="mask must be bool"):
         run_edit(tiny_pipe, video, mask[:1], "a road", steps=STEPS)
+
+
+def test_hidden_masked_pixels_never_reach_the_model(tiny_pipe, inputs):
+    video, mask = inputs
+    changed = np.where(mask[..., None], 255 - video, video)
+    hidden = edit(tiny_pipe, inputs).frames
+    np.testing.assert_array_equal(hidden, edit(tiny_pipe, (changed, mask)).frames)
+    shown = edit(tiny_pipe, inputs, hide_masked=False).frames
+    assert not np.array_equal(shown, edit(tiny_pipe, (changed, mask), hide_masked=False).frames)

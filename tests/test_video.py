@@ -376,6 +376,12 @@ def test_bad_prepare_inputs_raise_user_error(clip9, tmp_path):
 
 
 @pytest.mark.skipif(not DRIVING_MASK.exists(), reason="the shared driving clip is not on this machine")
+def test_prepare_caps_size_and_length_at_the_model_limits():
+    out = prepare_inputs(DRIVING, DRIVING_MASK, area=256 * 256, max_frames=17)
+    assert out.video.shape == (17, 192, 336, 3)  # 854x480 within 256x256 pixels, sides multiples of 16
+    assert out.mask.shape == (17, 192, 336)
+
+
 def test_prepare_real_driving_clip():
     out = prepare_inputs(DRIVING, DRIVING_MASK, frames=9, height=128, width=224)
     assert out.video.shape == (9, 128, 224, 3) and out.video.dtype == np.uint8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import WanVACETransformer3DModel
 
@@ -57,3 +58,29 @@ def token_rows(output: torch.Tensor) -> torch.Tensor:
     _, channels, frames, height, width = output.shape
     x = output.reshape(channels, frames, height // 2, 2, width // 2, 2)
     return x.permute(1, 2, 4, 0, 3, 5).reshape(frames * (height // 2) * (width // 2), -1)
+
+
+def demo_clip(frames: int = 17, height: int = 128, width: int = 224) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic road scene and its mask: a red car drives left to right; the mask follows it with a margin.
+
+    Returns uint8 [F, H, W, 3] and bool [F, H, W]. The sky is a vertical gradient and the road's texture and
+    lane marks scroll, so the background moves as well as the masked object.
+    """
+    y = np.arange(height)[:, None]
+    x = np.arange(width)[None, :]
+    horizon, lane_row = height // 2, (3 * height) // 4
+    shade = y[:horizon, :, None] / horizon
+    sky = np.concatenate([90 + 100 * shade, 150 + 60 * shade, np.full_like(shade, 235.0)], axis=-1)
+    car_h, car_w, margin = height // 6, width // 6, 6
+    car_top = horizon + 4
+    video = np.empty((frames, height, width, 3), dtype=np.uint8)
+    mask = np.zeros((frames, height, width), dtype=bool)
+    for f in range(frames):
+        video[f] = (70 + 20 * ((x + 3 * f) // 8 % 2))[..., None]
+        video[f, :horizon] = sky
+        video[f][(np.abs(y - lane_row) < 2) & ((x + 6 * f) % 32 < 16)] = 230
+        left = 8 + (width - car_w - 16) * f // max(frames - 1, 1)
+        video[f, car_top : car_top + car_h, left : left + car_w] = (200, 30, 30)
+        top, bottom = max(car_top - margin, 0), car_top + car_h + margin
+        mask[f, top:bottom, max(left - margin, 0) : left + car_w + margin] = True
+    return video, mask

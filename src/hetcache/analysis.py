@@ -40,7 +40,15 @@ from hetcache.config import HetCacheConfig
 from hetcache.engine import SCORE_QUERIES, resolve_plan
 from hetcache.errors import UserError
 from hetcache.methods import method_config
-from hetcache.pipeline import MAX_SEQUENCE_LENGTH, check_prompt, load_pipeline, resolve_device, resolve_dtype, run_edit
+from hetcache.pipeline import (
+    MAX_SEQUENCE_LENGTH,
+    check_prompt,
+    load_pipeline,
+    native_limits,
+    resolve_device,
+    resolve_dtype,
+    run_edit,
+)
 from hetcache.sparse import RowRope
 
 SCHEMA = "hetcache-analysis/1"
@@ -409,7 +417,10 @@ def analyze_main(
         raise UserError(f"--out {out} is a file: give a folder")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
-        prepared = vio.prepare_inputs(video, mask, box=box, height=height, width=width, frames=frames)
+        area, max_frames = native_limits(model)
+        prepared = vio.prepare_inputs(
+            video, mask, box=box, height=height, width=width, frames=frames, area=area, max_frames=max_frames
+        )
     for note in prepared.notes:
         print(f"note: {note}", file=sys.stderr)
     if not prepared.mask.any():

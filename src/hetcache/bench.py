@@ -45,6 +45,7 @@ from hetcache.pipeline import (
     check_prompt,
     default_flow_shift,
     load_pipeline,
+    native_limits,
     resolve_device,
     resolve_dtype,
     run_edit,
@@ -446,7 +447,10 @@ def bench_main(
         raise UserError(f"--out {out} is a file: give a folder")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
-        prepared = vio.prepare_inputs(video, mask, box=box, height=height, width=width, frames=frames)
+        area, max_frames = native_limits(model)
+        prepared = vio.prepare_inputs(
+            video, mask, box=box, height=height, width=width, frames=frames, area=area, max_frames=max_frames
+        )
     for note in prepared.notes:
         print(f"note: {note}", file=sys.stderr)
     torch_device = resolve_device(device)

@@ -30,19 +30,24 @@ from hetcache import video as vio
 from hetcache.errors import UserError
 from hetcache.pipeline import (
     DEFAULT_MODEL,
+    PROXY,
     TINY_RANDOM,
     EditResult,
     check_prompt,
+    default_guidance,
     load_pipeline,
+    native_limits,
     resolve_device,
     resolve_dtype,
     run_edit,
 )
 
 USER_ERROR_EXIT = 2
-DEMO_PROMPT = "an empty road"
+DEMO_PROMPT = "remove the object"
 NO_CACHE = "full"
 DEMO_METHOD = "hetcache-fast"
+DEMO_SCENE = 3
+DEMO_FRAMES, DEMO_SIZE = 17, 256  # the proxy's native clip
 # The names of `hetcache.methods`, repeated here because importing it loads torch and diffusers, which `--help` and
 # a mistyped name must not wait for; tests/test_cli.py checks that both lists agree.
 OWN_METHODS = ("full", "fewer-steps", "teacache", "pab", "adacache", "fastcache", "hetcache-slow", "hetcache-fast")
@@ -80,17 +85,25 @@ app = typer.Typer(
 
 
 # Options shared by several commands.
-ModelOpt = Annotated[str, typer.Option(help=f"Hub id, local pipeline folder, or {TINY_RANDOM}.")]
+ModelOpt = Annotated[
+    str, typer.Option(help=f"Hub id, local pipeline folder, {PROXY} (small trained model, CPU) or {TINY_RANDOM}.")
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
 StepsOpt = Annotated[int, typer.Option(min=1, help="Denoising steps.")]
 WidthOpt = Annotated[int | None, typer.Option(help="Model width (multiple of 16); default from the source.")]
 HeightOpt = Annotated[int | None, typer.Option(help="Model height (multiple of 16); default from the source.")]
 GuidanceOpt = Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 turns it off).")]
+ModelGuidanceOpt = Annotated[
+    float | None,
+    typer.Option(help="Classifier-free guidance scale (<= 1 turns it off); default 5, or 1 for the proxy."),
+]
 MethodsOpt = Annotated[str, typer.Option(help=METHODS_HELP)]
 NegativeOpt = Annotated[str, typer.Option(help="What to steer away from.")]
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="What the masked region should show.")]
-FramesOpt = Annotated[int | None, typer.Option(help="Frames to edit (4k+1); default as many as fit, up to 81.")]
+FramesOpt = Annotated[
+    int | None, typer.Option(help="Frames to edit (4k+1); default as many as fit, up to 81 (17 for the proxy).")
+]
 VideoArg = Annotated[Path, typer.Argument(help="Input video file, folder of frames, or image.")]
 MaskOpt = Annotated[Path | None, typer.Option(help="Mask video, folder or image (white = generate).")]
 BoxOpt = Annotated[
@@ -116,12 +129,13 @@ class EditRequest:
     height: int | None = None
     width: int | None = None
     seed: int = 0
-    guidance: float = 5.0
+    guidance: float | None = None  # None: the model's default (`default_guidance`)
     device: str = "auto"
     dtype: str = "auto"
     crf: int = 18
     lossless: bool = False
     composite: bool = True
+    hide_masked: bool = True
     method: str = NO_CACHE
 
 
@@ -161,6 +175,7 @@ def run_request(request: EditRequest) -> None:
             raise UserError(f"output {path} is a folder: give a file name such as {path / 'out.mp4'}")
     if len({path.resolve() for path in outputs}) < len(outputs):
         raise UserError(f"--side-by-side and -o are both {request.output}: give them different paths")
+    area, max_frames = native_limits(request.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
         prepared = vio.prepare_inputs(
@@ -171,6 +186,8 @@ def run_request(request: EditRequest) -> None:
             width=request.width,
             frames=request.frames,
             stride=request.stride,
+            area=area,
+            max_frames=max_frames,
         )
     for note in prepared.notes:
         typer.echo(f"note: {note}", err=True)
@@ -191,11 +208,12 @@ def run_request(request: EditRequest) -> None:
         panel = vio.side_by_side(prepared.video, prepared.mask, frames)
         written.append(_write(request.side_by_side, panel, prepared.fps, request))
 
+    guidance = default_guidance(request.model) if request.guidance is None else request.guidance
     timings = {"load": load_s, **result.timings}
     kept = "composited into the original outside the mask" if request.composite else "raw model output"
     lines = [
         f"input    {_describe_source(request.video)} -> {width}x{height} x {num_frames} frames at {prepared.fps:g} fps",
-        f"model    {request.model}, {result.steps} steps, guidance {request.guidance:g}, seed {request.seed}, "
+        f"model    {request.model}, {result.steps} steps, guidance {guidance:g}, seed {request.seed}, "
         f"{device.type}/{str(dtype).removeprefix('torch.')}",
         f"method   {request.method}: {cache_line}",
         "time     " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items()),
@@ -211,6 +229,7 @@ def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs,
     """Run the edit with `config`'s cache enabled (None: the stock pipeline); the result and the summary's text
     for the cache (executed plan letters and the analytic FLOPs ratio)."""
     steps = request.steps
+    guidance = default_guidance(request.model) if request.guidance is None else request.guidance
     if config is not None:
         from hetcache.methods import inference_steps
 
@@ -224,9 +243,10 @@ def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs,
             request.prompt,
             negative_prompt=request.negative_prompt,
             steps=steps,
-            guidance=request.guidance,
+            guidance=guidance,
             seed=request.seed,
             progress=progress,
+            hide_masked=request.hide_masked,
         )
 
     if config is None:
@@ -297,7 +317,7 @@ def edit(
     height: HeightOpt = None,
     width: WidthOpt = None,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    guidance: GuidanceOpt = 5.0,
+    guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     crf: Annotated[int, typer.Option(min=0, max=51, help="H.264 quality (lower is better).")] = 18,
@@ -306,6 +326,14 @@ def edit(
     ] = False,
     composite: Annotated[
         bool, typer.Option("--composite/--no-composite", help="Keep the original pixels outside the mask.")
+    ] = True,
+    hide_masked: Annotated[
+        bool,
+        typer.Option(
+            "--hide-masked/--show-masked",
+            help="Grey out the masked pixels before the model sees them (removal, inpainting); --show-masked "
+            "passes them on, for edits that start from the original content.",
+        ),
     ] = True,
     side_by_side: Annotated[
         Path | None, typer.Option(help="Input | mask | output video; default OUT_side_by_side.mp4.")
@@ -338,35 +366,10 @@ def edit(
             crf=crf,
             lossless=lossless,
             composite=composite,
+            hide_masked=hide_masked,
             method=method,
         )
     )
-
-
-def demo_clip(frames: int = 17, height: int = 128, width: int = 224) -> tuple[np.ndarray, np.ndarray]:
-    """A synthetic road scene and its mask: a red car drives left to right; the mask follows it with a margin.
-
-    Returns uint8 [F, H, W, 3] and bool [F, H, W]. The sky is a vertical gradient and the road's texture and
-    lane marks scroll, so the background moves as well as the masked object.
-    """
-    y = np.arange(height)[:, None]
-    x = np.arange(width)[None, :]
-    horizon, lane_row = height // 2, (3 * height) // 4
-    shade = y[:horizon, :, None] / horizon
-    sky = np.concatenate([90 + 100 * shade, 150 + 60 * shade, np.full_like(shade, 235.0)], axis=-1)
-    car_h, car_w, margin = height // 6, width // 6, 6
-    car_top = horizon + 4
-    video = np.empty((frames, height, width, 3), dtype=np.uint8)
-    mask = np.zeros((frames, height, width), dtype=bool)
-    for f in range(frames):
-        video[f] = (70 + 20 * ((x + 3 * f) // 8 % 2))[..., None]
-        video[f, :horizon] = sky
-        video[f][(np.abs(y - lane_row) < 2) & ((x + 6 * f) % 32 < 16)] = 230
-        left = 8 + (width - car_w - 16) * f // max(frames - 1, 1)
-        video[f, car_top : car_top + car_h, left : left + car_w] = (200, 30, 30)
-        top, bottom = max(car_top - margin, 0), car_top + car_h + margin
-        mask[f, top:bottom, max(left - margin, 0) : left + car_w + margin] = True
-    return video, mask
 
 
 @app.command()
@@ -374,20 +377,26 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for input.mp4, mask.mp4, output.mp4 and side_by_side.mp4.")] = Path(
         "demo_out"
     ),
-    model: ModelOpt = TINY_RANDOM,
+    model: ModelOpt = PROXY,
     prompt: PromptOpt = DEMO_PROMPT,
-    steps: StepsOpt = 8,
+    steps: StepsOpt = 20,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
+    guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEMO_METHOD,
+    scene: Annotated[int, typer.Option(help="Which generated scene to edit (a seed).")] = DEMO_SCENE,
 ) -> None:
-    """Edit a synthetic clip made in code, end to end (a few seconds on a CPU with the tiny model)."""
+    """Remove a moving red ball from a scene made in code, with the small trained proxy model (under a minute
+    on a laptop CPU)."""
     check_method(method)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
-    clip, mask = demo_clip()
+    from hetcache.proxy.quality import to_uint8
+    from hetcache.proxy.scenes import removal_scene
+
+    video, hidden, _ = removal_scene(DEMO_FRAMES, DEMO_SIZE, DEMO_SIZE, seed=scene)
+    clip, mask = to_uint8(video[0]), hidden[0, 0].numpy()
     fps = 8.0
     source = vio.write_video(out / "input.mp4", clip, fps)
     mask_path = vio.write_mask_video(out / "mask.mp4", mask, fps)

@@ -32,7 +32,10 @@ if TYPE_CHECKING:
     from transformers import T5Tokenizer
 
 TINY_RANDOM = "tiny-random"
+PROXY = "proxy"
 DEFAULT_MODEL = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
+# The uint8 value that hides the masked region from the model (mid-grey, 0 after the pipeline's scaling).
+HIDDEN_GREY = 128
 
 # Longest prompt the real UMT5 text encoder of Wan2.1 is used with.
 MAX_SEQUENCE_LENGTH = 512
@@ -189,7 +192,7 @@ def load_pipeline(
     height: int = 480,
     width: int = 832,
 ) -> WanVACEPipeline:
-    """Load a WanVACEPipeline from `tiny-random`, a local folder (from save_pretrained) or a hub id.
+    """Load a WanVACEPipeline from `tiny-random`, `proxy`, a local folder (from save_pretrained) or a hub id.
 
     The VAE stays in float32 (the official recipe); the text encoder and transformer use `dtype`. The scheduler
     is UniPC with the flow shift for the output size (`default_flow_shift`). A hub id is looked up in the local
@@ -206,6 +209,11 @@ def load_pipeline(
         if torch_dtype != torch.float32:
             pipe.text_encoder.to(torch_dtype)
             _cast_keeping_fp32_modules(pipe.transformer, torch_dtype)
+    elif model == PROXY:
+        folder = proxy_folder()
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"the proxy model's weights are missing from {folder}: reinstall hetcache")
+        pipe = _load_folder(folder, torch_dtype)
     else:
         folder = Path(model).expanduser()
         if folder.exists():
@@ -215,13 +223,30 @@ def load_pipeline(
             pipe = _load_from_hub(model, torch_dtype)
         else:
             raise UserError(
-                f"unknown model {model!r}: pass {TINY_RANDOM}, a local pipeline folder, "
+                f"unknown model {model!r}: pass {PROXY}, {TINY_RANDOM}, a local pipeline folder, "
                 f"or a hub id such as {DEFAULT_MODEL}"
             )
     pipe.scheduler = UniPCMultistepScheduler.from_config(
         pipe.scheduler.config, flow_shift=default_flow_shift(height, width)
     )
     return pipe.to(torch_device)
+
+
+def proxy_folder() -> Path:
+    """Where the trained proxy pipeline ships inside the package (see hetcache.proxy)."""
+    return Path(__file__).parent / "data" / "proxy"
+
+
+def native_limits(model: str) -> tuple[int, int]:
+    """(pixel area, most frames) a model is made for: the proxy's 256x256 x 17, Wan's 480x832 x 81 otherwise."""
+    if model == PROXY:
+        return 256 * 256, 17
+    return 480 * 832, 81
+
+
+def default_guidance(model: str) -> float:
+    """The proxy learns no language, so guidance would only double its work: 1 (off); Wan's recipe uses 5."""
+    return 1.0 if model == PROXY else 5.0
 
 
 def _cast_keeping_fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -332,8 +357,13 @@ def run_edit(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     latents: torch.Tensor | None = None,
+    hide_masked: bool = True,
 ) -> EditResult:
     """Regenerate the masked region of `video` (uint8 [F,H,W,3]) where `mask` (bool [F,H,W]) is True.
+
+    With `hide_masked` the masked pixels are set to mid-grey first, so the model never sees what it replaces
+    (removal and inpainting; `WanVACEPipeline` would otherwise pass them on as its "reactive" input). Turn it off
+    for edits that should start from the original content.
 
     Sizes are taken from the arrays and must already fit the model (see `fit_error`). `progress(done, total)`
     is called after every denoising step; the pipeline's own progress bar is hidden during the call. The
@@ -366,6 +396,8 @@ def run_edit(
             progress(step + 1, steps)
         return {}
 
+    if hide_masked:
+        video = np.where(mask[..., None], np.uint8(HIDDEN_GREY), video)
     frames_in = [Image.fromarray(frame) for frame in video]
     mask_rgb = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
     masks_in = [Image.fromarray(frame) for frame in mask_rgb]

@@ -262,10 +262,13 @@ def prepare_inputs(
     width: int | None = None,
     frames: int | None = None,
     stride: int = 1,
+    area: int = DEFAULT_AREA,
+    max_frames: int = MAX_FRAMES,
 ) -> PreparedInputs:
     """Read, sample and fit a video and its mask (a mask video/folder/image, or a box) to one model size.
 
-    The size defaults to `default_size` of the source; with one side given the other follows the aspect.
+    The size defaults to `default_size` of the source within `area` pixels, and the frame count to as many as
+    fit up to `max_frames`; with one side given the other follows the aspect.
     Mask frames are taken at the video's indices: a shorter mask repeats its last frame (with a warning),
     a longer one is cut; a mask of another size is fitted on its own. `notes` says what was adjusted.
     """
@@ -275,11 +278,11 @@ def prepare_inputs(
         raise UserError(f"stride {stride} must be at least 1: use 1 to take every frame")
     if frames is not None:
         _check_frame_count(frames)
-    source = _read(video_path, role="video", stride=stride, limit=frames or MAX_FRAMES)
-    count = choose_frame_count(source.seen, frames, stride)
+    source = _read(video_path, role="video", stride=stride, limit=frames or max_frames)
+    count = choose_frame_count(source.seen, frames, stride, max_frames)
     video = source.clip.frames[:count]
     src_h, src_w = video.shape[1:3]
-    height, width = _model_size(src_h, src_w, height, width)
+    height, width = _model_size(src_h, src_w, height, width, area)
     notes: list[str] = []
     if box is not None:
         mask = _box_mask(box, src_h, src_w)
@@ -299,9 +302,11 @@ def prepare_inputs(
     return PreparedInputs(fit_frames(video, height, width), mask, source.clip.fps / stride, notes)
 
 
-def _model_size(src_h: int, src_w: int, height: int | None, width: int | None) -> tuple[int, int]:
+def _model_size(
+    src_h: int, src_w: int, height: int | None, width: int | None, area: int = DEFAULT_AREA
+) -> tuple[int, int]:
     if height is None and width is None:
-        return default_size(src_h, src_w)
+        return default_size(src_h, src_w, area)
     if width is None:
         width = max(SIZE_STEP, round(height * src_w / src_h / SIZE_STEP) * SIZE_STEP)
     elif height is None:

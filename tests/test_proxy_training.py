@@ -1,0 +1,113 @@
+"""The proxy's training code: generated scenes, the conditioning it trains on, the baseline and a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hetcache.pipeline import build_tiny_random_pipeline, load_pipeline, run_edit
+from hetcache.proxy.architecture import control_latents, latent_mask
+from hetcache.proxy.export import export_proxy
+from hetcache.proxy.quality import held_out_clips, median_fill, to_uint8
+from hetcache.proxy.scenes import FILL_VALUE, MASK_AREA, generate_scenes, removal_scene
+from hetcache.proxy.train import WARMUP_STEPS, TrainConfig, learning_rate, train
+
+
+def scenes(seed: int, batch: int = 16, frames: int = 9, size: int = 64):
+    return generate_scenes(batch, frames, size, size, torch.Generator().manual_seed(seed))
+
+
+def test_scenes_hide_the_mask_with_grey_and_keep_the_rest():
+    batch = scenes(0)
+    assert batch.video.shape == batch.target.shape == (16, 3, 9, 64, 64)
+    assert batch.mask.shape == (16, 1, 9, 64, 64) and batch.mask.dtype == torch.bool
+    assert batch.target.min() >= -1 and batch.target.max() <= 1
+    hidden = batch.mask.expand_as(batch.video)
+    assert torch.equal(batch.video[hidden], torch.full_like(batch.video[hidden], FILL_VALUE))
+    assert torch.equal(batch.video[~hidden], batch.target[~hidden])
+    assert FILL_VALUE == pytest.approx(128 / 255 * 2 - 1)  # what the pipeline makes of uint8 128
+
+
+def test_scenes_are_reproducible_varied_and_cover_the_task():
+    first, again, other = scenes(1, batch=64), scenes(1, batch=64), scenes(2, batch=64)
+    assert torch.equal(first.target, again.target) and torch.equal(first.mask, again.mask)
+    assert not torch.equal(first.target, other.target)
+    area = first.mask.float().mean(dim=(1, 3, 4))  # per clip and frame
+    assert area.min() > MASK_AREA[0] * 0.8 and area.max() < MASK_AREA[1] * 1.1
+    moving = (first.mask[:, 0, 0] != first.mask[:, 0, -1]).flatten(1).any(1)
+    assert 0.2 < moving.float().mean() < 0.8  # static and moving masks both occur
+    camera_moves = (first.target[:, :, 0] - first.target[:, :, -1]).abs().mean(dim=(1, 2, 3))
+    assert (camera_moves > 0.01).float().mean() > 0.5
+
+
+def test_removal_scene_masks_exactly_the_object():
+    video, mask, target = removal_scene(9, 64, 64, seed=3)
+    changed = (video - target).abs().amax(dim=1, keepdim=True) > 1e-6
+    assert changed.any() and not (changed & ~mask).any()
+    assert mask.float().mean() < 0.4
+
+
+def test_control_latents_match_the_pipeline():
+    """As `__call__` calls them: no reference images is one empty list per clip."""
+    pipe = build_tiny_random_pipeline()
+    batch = scenes(3, batch=2, frames=5, size=32)
+    control = control_latents(pipe.vae, batch.video, batch.mask)
+    for index in range(2):
+        video, mask = batch.video[index : index + 1], batch.mask[index : index + 1].float().expand(-1, 3, -1, -1, -1)
+        expected = torch.cat(
+            [pipe.prepare_video_latents(video, mask, [[]], device="cpu"), pipe.prepare_masks(mask, [[]])], dim=1
+        )
+        torch.testing.assert_close(control[index : index + 1], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(latent_mask(batch.mask[:1]), pipe.prepare_masks(batch.mask[:1].float(), [[]]))
+
+
+def test_median_fill_copies_from_other_frames_and_interpolates_the_rest():
+    video = np.zeros((5, 8, 8, 3), dtype=np.uint8)
+    video[:, :, :4] = 40
+    video[:, :, 4:] = 200
+    video[:, 0, 0] = np.array([10, 20, 30, 250, 60])[:, None]
+    mask = np.zeros((5, 8, 8), dtype=bool)
+    mask[:2, 0, 0] = True  # visible in frames 2-4: values 30, 250, 60 -> median 60
+    mask[:, 3:5, 3:5] = True  # hidden in every frame, between the 40 and 200 halves
+    filled = median_fill(video, mask)
+    assert np.array_equal(filled[~mask], video[~mask])
+    assert (filled[:2, 0, 0] == 60).all()
+    hole = filled[:, 3:5, 3:5].astype(int)
+    assert hole.min() >= 40 and hole.max() <= 200 and hole[:, :, 0].mean() < hole[:, :, 1].mean()
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    assert learning_rate(0, 1000, 1.0) == pytest.approx(1 / WARMUP_STEPS)
+    assert learning_rate(WARMUP_STEPS, 1000, 1.0) == pytest.approx(1.0)
+    assert learning_rate(1000, 1000, 1.0) == pytest.approx(0.1)
+    assert learning_rate(50, None, 1.0) == pytest.approx(51 / WARMUP_STEPS)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_tiny_training_run_exports_a_loadable_pipeline(tmp_path):
+    config = TrainConfig(frames=5, height=32, width=32, vae_steps=2, vae_batch=2, vae_frames=5, vae_size=32,
+                         dit_steps=2, dit_batch=2, pool=2, refresh=1, refresh_every=1, stats_clips=2, eval_clips=1, eval_steps=2,
+                         log_every=1)
+    log = train(config, tmp_path / "run", torch.device("cpu"))
+    saved = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert saved["vae"]["steps"] == 2 and saved["transformer"]["steps"] == 2
+    assert [row[0] for row in saved["transformer"]["curve"]] == [1, 2]
+    assert len(saved["latents_mean"]) == 16 and min(saved["latents_std"]) > 0
+    assert saved["held_out"]["mean_model"] == log["held_out"]["mean_model"]
+
+    export_proxy(tmp_path / "run", tmp_path / "proxy")
+    pipe = load_pipeline(str(tmp_path / "proxy"), "cpu", "fp32", height=32, width=32)
+    assert pipe.vae.config.latents_mean == saved["latents_mean"]
+    clip = held_out_clips(1, frames=5, height=32, width=32)[0]
+    result = run_edit(pipe, clip.video, clip.mask, "remove the object", steps=2, guidance=1.0)
+    assert result.frames.shape == clip.target.shape
+
+
+def test_held_out_clips_are_fixed_and_hide_their_mask():
+    first, again = held_out_clips(2, frames=5, height=32, width=32), held_out_clips(2, frames=5, height=32, width=32)
+    assert np.array_equal(first[1].target, again[1].target) and not np.array_equal(first[0].target, first[1].target)
+    assert (first[0].video[first[0].mask] == 128).all()
+    assert to_uint8(torch.full((3, 1, 1, 1), FILL_VALUE))[0, 0, 0].tolist() == [128, 128, 128]
