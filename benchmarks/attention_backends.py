@@ -5,6 +5,10 @@ A PARTIAL step's attention runs n query rows against N = 14,040 keys (Wan2.1-VAC
 multiprocessors half empty. This times each available backend of diffusers' dispatcher at several n and prints
 the time per query row relative to n = N, so the effect (and a backend that avoids it) shows directly.
 
+It also times split-KV attention ("split-S"): the keys are cut into S chunks that run as S batch entries of one
+flash call (S times the thread blocks, each over N/S keys), and the chunk outputs are merged with their
+log-sum-exps. If the small-n penalty is the grid leaving multiprocessors idle, split-KV removes most of it.
+
     python benchmarks/attention_backends.py --out attention.json      # on the GPU
 """
 
@@ -21,6 +25,23 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 TOKENS, HEADS, HEAD_DIM = 14_040, 12, 128
 ROWS = (14_040, 6_993, 4_176, 2_160, 1_080)
 BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")
+SPLITS = (2, 3, 4, 6)
+
+
+def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int) -> torch.Tensor:
+    """Attention of q [1, n, H, D] over k, v [1, N, H, D] with the keys in `splits` chunks, merged exactly.
+
+    Each chunk's output is softmax-normalised within the chunk; weighting by softmax over the chunks'
+    log-sum-exps restores the softmax over all keys.
+    """
+    tokens, heads = k.shape[1], k.shape[2]
+    # [1, N, H, D] -> [S, H, N/S, D] as a strided view: no copy of the keys and values.
+    chunk_k = k.view(splits, tokens // splits, heads, -1).transpose(1, 2)
+    chunk_v = v.view(splits, tokens // splits, heads, -1).transpose(1, 2)
+    chunk_q = q.transpose(1, 2).expand(splits, -1, -1, -1).contiguous()
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(chunk_q, chunk_k, chunk_v)[:2]
+    weights = torch.softmax(lse, dim=0).unsqueeze(-1).to(out.dtype)  # [S, H, n, 1]
+    return (weights * out).sum(0, keepdim=True).transpose(1, 2)
 
 
 def time_backend(backend: str, rows: int, repeats: int) -> float:
@@ -28,7 +49,15 @@ def time_backend(backend: str, rows: int, repeats: int) -> float:
     q = torch.randn(1, rows, HEADS, HEAD_DIM, generator=generator, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, TOKENS, HEADS, HEAD_DIM, generator=generator, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, TOKENS, HEADS, HEAD_DIM, generator=generator, device="cuda", dtype=torch.bfloat16)
-    run = lambda: dispatch_attention_fn(q, k, v, backend=backend)  # noqa: E731
+    if backend.startswith("split-"):
+        splits = int(backend.removeprefix("split-"))
+        run = lambda: split_kv_attention(q, k, v, splits)  # noqa: E731
+        expected = dispatch_attention_fn(q, k, v, backend="_native_flash").float()
+        error = (run().float() - expected).abs().max().item()
+        if error > 2e-2:
+            raise AssertionError(f"split-KV differs from flash attention by {error}")
+    else:
+        run = lambda: dispatch_attention_fn(q, k, v, backend=backend)  # noqa: E731
     for _ in range(3):
         run()
     times = []
@@ -49,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "times_ms": {}}
-    for backend in BACKENDS:
+    for backend in (*BACKENDS, *(f"split-{splits}" for splits in SPLITS)):
         try:
             report["times_ms"][backend] = {rows: time_backend(backend, rows, args.repeats) for rows in ROWS}
         except Exception as error:  # a backend this build lacks

@@ -2,6 +2,8 @@
 
 Sizes were chosen by timing on 2 CPU cores (docs/PROXY.md): at 256x256 and 17 frames a transformer forward takes
 about 0.5 s and the VAE's two encodes plus one decode about 15 s, so a 20-step edit stays well under a minute.
+The latent has 32 channels, not Wan's 16: a VAE this small, trained for minutes, reconstructs far better through
+the wider bottleneck, and the pipeline takes any width from the configs.
 `control_latents` rebuilds, for a whole batch, the VACE conditioning that `WanVACEPipeline` builds one clip at a
 time (`prepare_video_latents` + `prepare_masks`); a test holds the two equal, so training sees what inference
 feeds the model.
@@ -23,7 +25,7 @@ FRAMES, HEIGHT, WIDTH = 17, 256, 256
 
 VAE_CONFIG = {
     "base_dim": 24,
-    "z_dim": 16,
+    "z_dim": 32,
     "dim_mult": [1, 2, 4, 4],
     "num_res_blocks": 1,
     "attn_scales": [],
@@ -34,8 +36,8 @@ TRANSFORMER_CONFIG = {
     "patch_size": (1, 2, 2),
     "num_attention_heads": 4,
     "attention_head_dim": 64,
-    "in_channels": 16,
-    "out_channels": 16,
+    "in_channels": 32,
+    "out_channels": 32,
     "text_dim": 32,
     "freq_dim": 256,
     "ffn_dim": 1024,
@@ -44,7 +46,7 @@ TRANSFORMER_CONFIG = {
     "qk_norm": "rms_norm_across_heads",
     "rope_max_seq_len": 1024,
     "vace_layers": [0, 2, 4, 6],
-    "vace_in_channels": 96,
+    "vace_in_channels": 2 * 32 + 64,  # kept and masked latents, and the 8x8 mask cells
 }
 
 # The proxy learns no language: it is trained with these prompts at random, so any prompt works and none steers it.
@@ -111,7 +113,7 @@ def latent_mask(mask: torch.Tensor, patch: int = 2, spatial: int = 8, temporal: 
 
 
 def control_latents(vae: AutoencoderKLWan, video: torch.Tensor, mask: torch.Tensor, patch: int = 2) -> torch.Tensor:
-    """VACE conditioning [B, 96, F', h, w] for `video` [B, 3, F, H, W] in [-1, 1] and bool `mask` [B, 1, F, H, W]:
+    """VACE conditioning [B, 2 z + 64, F', h, w] for `video` [B, 3, F, H, W] in [-1, 1] and bool `mask` [B, 1, F, H, W]:
     latents of the kept part, latents of the masked part, and the mask channels."""
     hidden = mask.to(video.dtype)
     inactive = encode(vae, video * (1 - hidden))

@@ -48,11 +48,11 @@ def random_textures(count: int, size: int, generator: torch.Generator, device: t
     Each texture has its own base colour, roughness (octave persistence), contrast and stripe pattern, so
     smooth skies, rough ground and regular facades all occur.
     """
-    persistence = _uniform(generator, (count, 1, 1, 1), 0.35, 0.85, device)
+    persistence = _uniform(generator, (count, 1, 1, 1), 0.3, 0.65, device)
     luminance = torch.zeros(count, 1, size, size, device=device)
     chroma = torch.zeros(count, 2, size, size, device=device)
     weight = torch.ones(count, 1, 1, 1, device=device)
-    for octave in range(2, int(math.log2(size)) + 1):
+    for octave in range(2, int(math.log2(size))):  # the finest detail is 2 pixels wide
         cells = 2**octave
         noise = torch.randn(count, 3, cells, cells, generator=generator, device=device)
         noise = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
