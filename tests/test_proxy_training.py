@@ -95,7 +95,7 @@ def test_a_tiny_training_run_exports_a_loadable_pipeline(tmp_path):
     saved = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert saved["vae"]["steps"] == 2 and saved["transformer"]["steps"] == 2
     assert [row[0] for row in saved["transformer"]["curve"]] == [1, 2]
-    assert len(saved["latents_mean"]) == 16 and min(saved["latents_std"]) > 0
+    assert len(saved["latents_mean"]) == 32 and min(saved["latents_std"]) > 0
     assert saved["held_out"]["mean_model"] == log["held_out"]["mean_model"]
 
     export_proxy(tmp_path / "run", tmp_path / "proxy")
