@@ -19,7 +19,7 @@ from hetcache import cli, methods
 from hetcache.bench import RESULT_FILES
 from hetcache.methods import METHOD_NAMES
 from hetcache.cli import app
-from hetcache.video import prepare_inputs, read_frames
+from hetcache.video import prepare_inputs, read_frames, write_video
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = ["--model", "tiny-random", "--steps", "2", "--device", "cpu"]
@@ -286,3 +286,14 @@ def test_analyze_writes_its_json_and_figures(clip_files, tmp_path):
 def test_eval_of_a_missing_dataset_exits_2_with_one_line(tmp_path):
     result = invoke("eval", "--dataset", tmp_path / "nowhere", "--out", tmp_path / "out", "--model", "tiny-random")
     assert_user_error(result, "nowhere")
+
+
+def test_edit_with_the_proxy_uses_its_defaults(tmp_path):
+    """The proxy caps the size at 256x256 pixels and 17 frames and turns guidance off unless told otherwise."""
+    frames = np.random.default_rng(0).integers(0, 256, (21, 240, 320, 3), dtype=np.uint8)
+    video = write_video(tmp_path / "wide.mp4", frames, 8.0, lossless=True)
+    result = invoke("edit", video, "--box", "100,20,200,70", "-p", "remove it", "-o", tmp_path / "o.mp4",
+                    "--model", "proxy", "--steps", "1", "--device", "cpu", "--no-side-by-side")
+    assert result.exit_code == 0, result.output
+    assert read_frames(tmp_path / "o.mp4").frames.shape == (17, 224, 288, 3)  # 64,512 of at most 65,536 pixels
+    assert "proxy, 1 steps, guidance 1, seed 0" in result.stdout

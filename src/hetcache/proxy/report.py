@@ -1,6 +1,8 @@
 """The proxy's quality report: loss curves of its training run and inpainting quality on held-out clips.
 
-    python -m hetcache.proxy.report TRAIN_LOG.json --out docs/proxy [--clips 8 --steps 20]
+    python -m hetcache.proxy.report TRAIN_LOG.json [TRAIN_LOG.json ...] --out docs/proxy [--clips 8 --steps 20]
+
+Training may come in several runs (`--init`), given in order: each stage's curve continues from run to run.
 
 For every held-out clip it runs the shipped proxy with full compute and with HetCache's fast preset, and the
 median-fill baseline, and measures PSNR inside the mask against the hidden ground truth, plus the fast preset's
@@ -23,19 +25,27 @@ from hetcache.pipeline import PROXY, load_pipeline, run_edit
 from hetcache.proxy.quality import EDIT_PROMPT, held_out_clips, mask_psnr, median_fill
 
 
-def plot_losses(log: dict, path: Path) -> None:
+def plot_losses(logs: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for axis, stage, title in ((axes[0], "vae", "VAE: L1 + L2 + KL"), (axes[1], "transformer", "transformer: flow matching")):
-        curve = np.array(log[stage]["curve"])
-        axis.plot(curve[:, 0], curve[:, 2])
+    stages = (("vae", "VAE: L1 + L2 (+ latent penalty)"), ("transformer", "transformer: flow matching (v)"))
+    for axis, (stage, title) in zip(axes, stages):
+        offset = 0
+        for number, log in enumerate(logs, 1):
+            if not log.get(stage, {}).get("steps"):
+                continue
+            curve = np.array(log[stage]["curve"])
+            axis.plot(curve[:, 0] + offset, curve[:, 2], label=f"run {number}")
+            offset += log[stage]["steps"]
+        axis.legend()
         axis.set(title=title, xlabel="step", ylabel="loss", yscale="log")
         axis.grid(alpha=0.3)
-    figure.suptitle(f"proxy training on {log['device']} (seed {log['config']['seed']})")
+    devices = sorted({log["device"] for log in logs})
+    figure.suptitle(f"proxy training on {', '.join(devices)} (seed {logs[0]['config']['seed']})")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -79,13 +89,13 @@ def evaluate(clips: int, steps: int, device: str = "cpu") -> tuple[dict, list[np
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("train_log", type=Path)
+    parser.add_argument("train_logs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_losses(json.loads(args.train_log.read_text()), args.out / "loss.png")
+    plot_losses([json.loads(path.read_text()) for path in args.train_logs], args.out / "loss.png")
     report, pictures = evaluate(args.clips, args.steps)
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     from PIL import Image
