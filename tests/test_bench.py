@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from hetcache.bench import COLUMNS, RESULT_FILES, bench_main, parse_methods, plan_main, plan_table, run_bench
-from tiny_models import demo_clip
 from hetcache.errors import UserError
 from hetcache.methods import method_config
 from hetcache.pipeline import build_tiny_random_pipeline
-from hetcache.video import read_frames
+from hetcache.video import prepare_inputs, read_frames
+from tiny_models import demo_clip
 
 SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "RESULTS_SCHEMA.md"
 TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
@@ -167,8 +167,8 @@ def test_plan_main_prints_one_line_per_method(capsys):
 def test_bench_main_writes_every_file(clip_files, tmp_path, capsys):
     video, mask = clip_files
     out = tmp_path / "out"
-    bench_main(video, mask, None, "an empty road", "", "pab", "tiny-random", 2, 9, 32, 64, 0, 5.0, "cpu", "auto",
-               out, None)
+    prepared = prepare_inputs(video, mask)
+    bench_main(prepared, "an empty road", "", "pab", "tiny-random", 2, 0, 5.0, "cpu", "auto", out, None)
     for name in RESULT_FILES:
         assert (out / name).is_file()
     assert "| `pab` |" in capsys.readouterr().out
@@ -177,14 +177,13 @@ def test_bench_main_writes_every_file(clip_files, tmp_path, capsys):
 
 
 def test_bench_main_rejects_bad_input(clip_files, tmp_path):
-    video, mask = clip_files
-    args = (None, "an empty road", "", "pab", "tiny-random", 2, 9, 32, 64, 0, 5.0, "cpu", "auto")
+    prepared = prepare_inputs(*clip_files)
+    args = ("", "pab", "tiny-random", 2, 0, 5.0, "cpu", "auto")
     with pytest.raises(UserError, match="unknown method"):
-        bench_main(video, mask, None, "an empty road", "", "full,nope", "tiny-random", 2, 9, 32, 64, 0, 5.0, "cpu",
-                   "auto", tmp_path, None)
+        bench_main(prepared, "an empty road", "", "full,nope", "tiny-random", 2, 0, 5.0, "cpu", "auto", tmp_path, None)
     file = tmp_path / "file.txt"
     file.write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        bench_main(video, mask, *args, file, None)
+        bench_main(prepared, "an empty road", *args, file, None)
     with pytest.raises(UserError, match="prompt"):
-        bench_main(video, mask, None, " ", *args[2:], tmp_path, None)
+        bench_main(prepared, " ", *args, tmp_path, None)

@@ -40,12 +40,12 @@ from hetcache.methods.pab import PABConfig, broadcast_steps
 from hetcache.methods.simple import FullConfig
 from hetcache.metrics import BAND_PX, LPIPS, fidelity
 from hetcache.pipeline import (
+    PROXY,
     TINY_RANDOM,
-    build_tiny_random_pipeline,
     check_prompt,
     default_flow_shift,
+    is_hub_id,
     load_pipeline,
-    native_limits,
     resolve_device,
     resolve_dtype,
     run_edit,
@@ -419,17 +419,12 @@ def _pab_plan(config: PABConfig, timesteps: list[float], shape: flops.ModelShape
 
 # ------------------------------------------------------------------------------------------------ CLI bodies
 def bench_main(
-    video: Path | str,
-    mask: Path | str | None,
-    box: str | None,
+    prepared: vio.PreparedInputs,
     prompt: str,
     negative_prompt: str,
     methods: str,
     model: str,
     steps: int,
-    frames: int | None,
-    height: int | None,
-    width: int | None,
     seed: int,
     guidance: float,
     device: str,
@@ -437,7 +432,8 @@ def bench_main(
     out: Path | str,
     lpips_weights: Path | str | None,
 ) -> None:
-    """`hetcache bench`: prepare the inputs, load the model, run every method, write and print the results."""
+    """`hetcache bench` once its inputs are prepared (`hetcache.cli` does that before importing this module, so
+    input errors come at once): load the model, run every method, write and print the results."""
     check_prompt(prompt)
     names = parse_methods(methods)
     if steps < 1:
@@ -445,14 +441,6 @@ def bench_main(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
-        area, max_frames = native_limits(model)
-        prepared = vio.prepare_inputs(
-            video, mask, box=box, height=height, width=width, frames=frames, area=area, max_frames=max_frames
-        )
-    for note in prepared.notes:
-        print(f"note: {note}", file=sys.stderr)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     num_frames, height, width = prepared.mask.shape
@@ -527,10 +515,14 @@ def _plan_target(model: str, height: int, width: int) -> Any:
     """A WanVACEPipeline holding only the transformer and the scheduler (no text encoder or VAE to load)."""
     from diffusers import UniPCMultistepScheduler, WanVACEPipeline, WanVACETransformer3DModel
 
-    if model == TINY_RANDOM:
-        pipe = build_tiny_random_pipeline()
+    if model in (TINY_RANDOM, PROXY):
+        pipe = load_pipeline(model, "cpu", "fp32", height=height, width=width)
         transformer, tokenizer = pipe.transformer, pipe.tokenizer
     else:
+        if not Path(model).expanduser().exists() and not is_hub_id(model):
+            raise UserError(
+                f"unknown model {model!r}: pass {PROXY}, {TINY_RANDOM}, a local pipeline folder or a hub id"
+            )
         try:
             transformer = WanVACETransformer3DModel.from_pretrained(
                 model, subfolder="transformer", dtype=torch.bfloat16

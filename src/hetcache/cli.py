@@ -165,6 +165,29 @@ def step_bar(description: str, total: int) -> Iterator[Callable[[int, int], None
         yield lambda done, _: bar.update(done - bar.n)
 
 
+def prepare_for_model(
+    model: str,
+    video: Path,
+    mask: Path | None,
+    box: str | None,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
+    stride: int = 1,
+) -> vio.PreparedInputs:
+    """Read and fit the video and mask within the model's native size and length; notes go to stderr."""
+    area, max_frames = native_limits(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
+        prepared = vio.prepare_inputs(
+            video, mask, box=box, height=height, width=width, frames=frames, stride=stride, area=area,
+            max_frames=max_frames,
+        )
+    for note in prepared.notes:
+        typer.echo(f"note: {note}", err=True)
+    return prepared
+
+
 def run_request(request: EditRequest) -> None:
     """Prepare inputs, load the model, enable the method's cache, edit, write the outputs and print the summary."""
     check_prompt(request.prompt)
@@ -175,22 +198,10 @@ def run_request(request: EditRequest) -> None:
             raise UserError(f"output {path} is a folder: give a file name such as {path / 'out.mp4'}")
     if len({path.resolve() for path in outputs}) < len(outputs):
         raise UserError(f"--side-by-side and -o are both {request.output}: give them different paths")
-    area, max_frames = native_limits(request.model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
-        prepared = vio.prepare_inputs(
-            request.video,
-            request.mask,
-            box=request.box,
-            height=request.height,
-            width=request.width,
-            frames=request.frames,
-            stride=request.stride,
-            area=area,
-            max_frames=max_frames,
-        )
-    for note in prepared.notes:
-        typer.echo(f"note: {note}", err=True)
+    prepared = prepare_for_model(
+        request.model, request.video, request.mask, request.box, request.frames, request.height, request.width,
+        request.stride,
+    )
     num_frames, height, width = prepared.mask.shape
 
     start = time.perf_counter()  # "load" includes importing torch and diffusers, whichever step does it first
@@ -442,21 +453,23 @@ def bench(
     ] = None,
 ) -> None:
     """Edit VIDEO with every method from the same inputs and compare their speed and fidelity with full."""
-    check_prompt(prompt)  # before the seconds-long import of torch and diffusers
+    # Every input check before the seconds-long import of torch and diffusers.
+    check_prompt(prompt)
+    for name in methods.split(","):
+        if name.strip() and methods.strip() != "all":
+            check_method(name.strip())
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder")
+    prepared = prepare_for_model(model, video, mask, box, frames, height, width)
     from hetcache.bench import bench_main
 
     bench_main(
-        video=video,
-        mask=mask,
-        box=box,
+        prepared,
         prompt=prompt,
         negative_prompt=negative_prompt,
         methods=methods,
         model=model,
         steps=steps,
-        frames=frames,
-        height=height,
-        width=width,
         seed=seed,
         guidance=guidance,
         device=device,

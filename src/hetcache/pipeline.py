@@ -219,7 +219,7 @@ def load_pipeline(
         if folder.exists():
             _check_pipeline_folder(folder)
             pipe = _load_folder(folder, torch_dtype)
-        elif _HUB_ID.match(model):
+        elif is_hub_id(model):
             pipe = _load_from_hub(model, torch_dtype)
         else:
             raise UserError(
@@ -230,6 +230,11 @@ def load_pipeline(
         pipe.scheduler.config, flow_shift=default_flow_shift(height, width)
     )
     return pipe.to(torch_device)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the shape of a hub repository id ("owner/name")."""
+    return _HUB_ID.match(name) is not None
 
 
 def proxy_folder() -> Path:
