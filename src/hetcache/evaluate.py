@@ -53,6 +53,7 @@ from hetcache.metrics import (
 from hetcache.pipeline import (
     default_flow_shift,
     load_pipeline,
+    native_limits,
     resolve_device,
     resolve_dtype,
     run_edit,
@@ -255,16 +256,26 @@ class LoadedItem:
     notes: list[str]
 
 
-def load_item(item: Item, frames: int | None, height: int | None, width: int | None) -> LoadedItem:
-    """Read, sample and fit an item's video, mask and ground truth to one model size (as `hetcache edit` does)."""
+def load_item(
+    item: Item,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
+    limits: tuple[int, int] = (vio.DEFAULT_AREA, vio.MAX_FRAMES),
+) -> LoadedItem:
+    """Read, sample and fit an item's video, mask and ground truth to one model size (as `hetcache edit` does),
+    within `limits`: the model's (pixel area, most frames), from `native_limits`."""
+    area, max_frames = limits
     if item.problem is not None:
         raise UserError(item.problem)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
         if item.mask_id is not None:
-            video, mask, notes = _load_vpbench_clip(item, frames, height, width)
+            video, mask, notes = _load_vpbench_clip(item, frames, height, width, area, max_frames)
         else:
-            prepared = vio.prepare_inputs(item.video, item.mask, height=height, width=width, frames=frames)
+            prepared = vio.prepare_inputs(
+                item.video, item.mask, height=height, width=width, frames=frames, area=area, max_frames=max_frames
+            )
             video, mask, notes = prepared.video, prepared.mask, list(prepared.notes)
         truth = None
         if item.ground_truth is not None and item.ground_truth == item.video:
@@ -281,8 +292,8 @@ def load_item(item: Item, frames: int | None, height: int | None, width: int | N
     return LoadedItem(video, mask, truth, notes)
 
 
-def _load_vpbench_clip(item: Item, frames: int | None, height: int | None,
-                       width: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_vpbench_clip(item: Item, frames: int | None, height: int | None, width: int | None, area: int,
+                       max_frames: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     start, end = item.frame_range
     source = vio.read_frames(item.video).frames[start:end]
     try:
@@ -292,8 +303,8 @@ def _load_vpbench_clip(item: Item, frames: int | None, height: int | None,
         raise UserError(f"cannot read mask {item.mask}: {error}: expected an .npz with arr_0 [frames, H, W]") from None
     if ids.ndim != 3:
         raise UserError(f"mask {item.mask} holds shape {ids.shape}: expected object ids [frames, height, width]")
-    count = vio.choose_frame_count(min(len(source), len(ids)), frames)
-    h, w = vio._model_size(*source.shape[1:3], height, width)
+    count = vio.choose_frame_count(min(len(source), len(ids)), frames, max_frames=max_frames)
+    h, w = vio._model_size(*source.shape[1:3], height, width, area)
     mask = vio.fit_frames(ids[:count] == item.mask_id, h, w)
     notes = [] if mask.any() else [f"object {item.mask_id} is absent from frames {start}..{start + count - 1}"]
     return vio.fit_frames(source[:count], h, w), mask, notes
@@ -625,7 +636,7 @@ def eval_main(
             records.append(_restrict(done, names))
             continue
         try:
-            loaded = load_item(item, frames, height, width)
+            loaded = load_item(item, frames, height, width, native_limits(model))
         except UserError as error:
             failed.append({"item": item.id, "reason": str(error)})
             _say(f"{item.id}: failed: {error}")
