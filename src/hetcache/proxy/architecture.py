@@ -18,7 +18,7 @@ import torch
 from hetcache.pipeline import tiny_text_encoder, tiny_tokenizer
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel
+    from diffusers import AutoencoderKLWan, WanVACEPipeline
 
 # Native clip size of the proxy: 17 frames of 256x256 (5 x 16 x 16 = 1,280 tokens).
 FRAMES, HEIGHT, WIDTH = 17, 256, 256
