@@ -512,7 +512,8 @@ def _plan_mask(mask: Path | str | None, frames: int | None, height: int | None,
 
 
 def _plan_target(model: str, height: int, width: int) -> Any:
-    """A WanVACEPipeline holding only the transformer and the scheduler (no text encoder or VAE to load)."""
+    """A WanVACEPipeline for planning: the transformer and the scheduler (and the tokenizer, which sets the text
+    length). Hub ids and folders load only the transformer; the small built-in models load whole."""
     from diffusers import UniPCMultistepScheduler, WanVACEPipeline, WanVACETransformer3DModel
 
     if model in (TINY_RANDOM, PROXY):

@@ -211,7 +211,8 @@ def run_request(request: EditRequest) -> None:
     pipe = load_pipeline(request.model, device, dtype, height=height, width=width)
     load_s = time.perf_counter() - start
 
-    result, cache_line = _edit_with_method(pipe, config, prepared, request)
+    guidance = default_guidance(request.model) if request.guidance is None else request.guidance
+    result, cache_line = _edit_with_method(pipe, config, prepared, request, guidance)
     frames = vio.composite(prepared.video, result.frames, prepared.mask) if request.composite else result.frames
 
     written = [_write(request.output, frames, prepared.fps, request)]
@@ -219,7 +220,6 @@ def run_request(request: EditRequest) -> None:
         panel = vio.side_by_side(prepared.video, prepared.mask, frames)
         written.append(_write(request.side_by_side, panel, prepared.fps, request))
 
-    guidance = default_guidance(request.model) if request.guidance is None else request.guidance
     timings = {"load": load_s, **result.timings}
     kept = "composited into the original outside the mask" if request.composite else "raw model output"
     lines = [
@@ -235,12 +235,11 @@ def run_request(request: EditRequest) -> None:
     typer.echo("\n".join(lines))
 
 
-def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs,
-                      request: EditRequest) -> tuple[EditResult, str]:
+def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs, request: EditRequest,
+                      guidance: float) -> tuple[EditResult, str]:
     """Run the edit with `config`'s cache enabled (None: the stock pipeline); the result and the summary's text
     for the cache (executed plan letters and the analytic FLOPs ratio)."""
     steps = request.steps
-    guidance = default_guidance(request.model) if request.guidance is None else request.guidance
     if config is not None:
         from hetcache.methods import inference_steps
 
@@ -445,7 +444,7 @@ def bench(
     height: HeightOpt = None,
     width: WidthOpt = None,
     seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every method).")] = 0,
-    guidance: GuidanceOpt = 5.0,
+    guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     lpips_weights: Annotated[
@@ -471,7 +470,7 @@ def bench(
         model=model,
         steps=steps,
         seed=seed,
-        guidance=guidance,
+        guidance=default_guidance(model) if guidance is None else guidance,
         device=device,
         dtype=dtype,
         out=out,
@@ -525,7 +524,7 @@ def evaluate(
     height: HeightOpt = None,
     width: WidthOpt = None,
     seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every method).")] = 0,
-    guidance: GuidanceOpt = 5.0,
+    guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     lpips_weights: Annotated[Path | None, typer.Option(help="LPIPS weights file; without it LPIPS is skipped.")] = None,

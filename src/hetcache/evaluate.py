@@ -51,6 +51,7 @@ from hetcache.metrics import (
     vfid,
 )
 from hetcache.pipeline import (
+    HIDDEN_GREY,
     default_flow_shift,
     load_pipeline,
     native_limits,
@@ -63,7 +64,7 @@ SCHEMA = "hetcache-eval/1"
 ITEM_SCHEMA = "hetcache-eval-item/1"
 LAYOUTS = ("vace-benchmark", "vpbench", "folder")
 REFERENCE = bench.REFERENCE
-GREY = 128  # what an inpainting item's masked pixels become before the model sees them (0 in [-1, 1])
+GREY = HIDDEN_GREY  # what an inpainting item's masked pixels become before the model sees them
 ALIGNMENT_PSNR_DB = 30.0  # below this, outside the mask, the ground truth does not match the input: a note says so
 ITEMS_DIR = "items"
 ITEM_FILE = "result.json"
@@ -384,7 +385,8 @@ def evaluate_item(pipe: Any, item: Item, loaded: LoadedItem, ctx: _Context, fold
     """Run every method on one item, score it, write its result.json (and i3d.npz); returns the record."""
     num_frames, height, width = loaded.mask.shape
     latents = bench.initial_latents(pipe, num_frames, height, width, ctx.seed)
-    common = dict(negative_prompt="", guidance=ctx.guidance, seed=ctx.seed, latents=latents)
+    # Inpainting items were greyed by `load_item`; editing items go in as they are.
+    common = dict(negative_prompt="", guidance=ctx.guidance, seed=ctx.seed, latents=latents, hide_masked=False)
     rows, skipped, outputs, features = [], [], {}, {}
     if ctx.i3d is not None and loaded.ground_truth is not None:
         features[GROUND_TRUTH] = ctx.i3d(loaded.ground_truth)
@@ -672,7 +674,7 @@ def _load(model: str, device: torch.device, dtype: torch.dtype, first: LoadedIte
     """Load the pipeline and make one untimed 1-step run (lazy initialisation, as `hetcache bench` does)."""
     _, height, width = first.mask.shape
     pipe = load_pipeline(model, device, dtype, height=height, width=width)
-    run_edit(pipe, first.video, first.mask, prompt, steps=bench.WARMUP_STEPS)
+    run_edit(pipe, first.video, first.mask, prompt, steps=bench.WARMUP_STEPS, hide_masked=False)
     return pipe
 
 

@@ -1,7 +1,8 @@
 """The proxy model: the classes of Wan2.1-VACE at a size a laptop CPU runs, and the inputs the pipeline builds.
 
-Sizes were chosen by timing on 2 CPU cores (docs/PROXY.md): at 256x256 and 17 frames a transformer forward takes
-about 0.5 s and the VAE's two encodes plus one decode about 15 s, so a 20-step edit stays well under a minute.
+Sizes were chosen by timing random-weight candidates on 2 CPU cores: at 256x256 and 17 frames a transformer forward
+took about 0.5 s and the VAE's two encodes plus one decode about 15 s, so a 20-step edit stays well under a
+minute (the shipped model's timings are in docs/PROXY.md).
 The latent has 32 channels, not Wan's 16: a VAE this small, trained for minutes, reconstructs far better through
 the wider bottleneck, and the pipeline takes any width from the configs.
 `control_latents` rebuilds, for a whole batch, the VACE conditioning that `WanVACEPipeline` builds one clip at a

@@ -4,7 +4,8 @@
 
 The trained VAE and transformer join the text encoder, tokenizer and scheduler that `build_proxy_pipeline` makes
 from code with the run's seed, and everything is written by `save_pretrained`, so the package loads it through
-the ordinary `from_pretrained` path. Weights are stored in float16 (half the bytes; loading casts them back).
+the ordinary `from_pretrained` path. The VAE and transformer are stored in float16 (half the bytes; loading casts
+them back); the 73 KB text encoder stays float32.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from hetcache.proxy.train import load_trained
 
 def export_proxy(trained: Path, out: Path) -> None:
     """Write the complete proxy pipeline folder for the run in `trained` to `out` (replaced as a whole)."""
+    if not (trained / "transformer").is_dir():
+        raise SystemExit(f"{trained} holds no trained transformer: export a run that trained one")
     seed = json.loads((trained / "train_log.json").read_text())["config"]["seed"]
     pipe = build_proxy_pipeline(seed)
     load_trained(pipe, trained)

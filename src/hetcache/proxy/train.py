@@ -1,6 +1,9 @@
 """Train the proxy model on generated clips: stage 1 the VAE, stage 2 the VACE transformer (flow matching).
 
-    python -m hetcache.proxy.train --out trained/ [--vae-seconds 150 --dit-seconds 330 --seed 0]
+    python -m hetcache.proxy.train --out trained/ [--init EARLIER_RUN] [--vae-seconds 150 --dit-seconds 330]
+
+The shipped model took four such runs, each started from the last (`--init` warm-starts from the saved float16
+weights; optimiser, EMA and learning-rate warm-up start afresh): docs/PROXY.md lists the exact commands.
 
 Each stage runs for a wall-clock budget: after a short probe the step count is fixed from the measured step time
 and written to the log, so `--vae-steps/--dit-steps` with the logged counts replays a run step for step. Stage 2
@@ -75,6 +78,7 @@ class StageLog:
     seconds: float = 0.0
     step_seconds: float = 0.0
     curve: list[list[float]] = field(default_factory=list)  # [step, seconds, mean loss since last entry]
+    extra: dict = field(default_factory=dict)  # stage-specific facts (e.g. the time spent filling a pool)
 
 
 def learning_rate(step: int, total: int | None, peak: float) -> float:
@@ -141,8 +145,8 @@ def train_vae(vae: torch.nn.Module, config: TrainConfig, device: torch.device, g
     plain autoencoder: sampling the posterior, as a KL-regularised VAE would, buries the latents in noise that a
     short training cannot learn away. A small penalty on the latents' magnitude keeps their scale in check.
 
-    The pipeline encodes `video * (1 - mask)` and `video * mask`, so a quarter of the samples are the first and
-    a sixth the second: the encoder must represent sharp mask borders and mostly-empty frames too.
+    The pipeline encodes `video * (1 - mask)` and `video * mask`, so a quarter of the samples are the first (sharp
+    mask borders) and a sixth the second (with the masked region hidden, a nearly empty clip).
     """
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
@@ -256,6 +260,7 @@ def train_transformer(pipe, config: TrainConfig, device: torch.device, generator
 
     seconds = config.dit_seconds - fill_seconds  # the budget covers filling the pool too
     log = run_stage("transformer", step_fn, config.dit_steps, seconds, config.dit_lr, device, config.log_every)
+    log.extra = {"pool_clips": len(pool_x0), "pool_seconds": fill_seconds}
     with torch.no_grad():
         for param, mean in zip(transformer.parameters(), average):
             param.copy_(mean)
@@ -324,7 +329,8 @@ def train(config: TrainConfig, out: Path, device: torch.device, init: Path | Non
     pipe = build_proxy_pipeline(config.seed).to(device)
     if init is not None:
         load_trained(pipe, init)
-    log: dict = {"command": " ".join(sys.argv), "config": asdict(config), "init": str(init), "torch": torch.__version__,
+    log: dict = {"command": " ".join(sys.argv), "config": asdict(config), "init": init and str(init),
+                 "torch": torch.__version__,
                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
     vae_log = train_vae(pipe.vae, config, device, generator)
