@@ -297,3 +297,16 @@ def test_edit_with_the_proxy_uses_its_defaults(tmp_path):
     assert result.exit_code == 0, result.output
     assert read_frames(tmp_path / "o.mp4").frames.shape == (17, 224, 288, 3)  # 64,512 of at most 65,536 pixels
     assert "proxy, 1 steps, guidance 1, seed 0" in result.stdout
+
+
+def test_eval_runs_a_folder_dataset_with_the_default_guidance(clip_files, tmp_path):
+    video, mask = clip_files
+    item = tmp_path / "data" / "clip0"
+    item.mkdir(parents=True)
+    for name, path in (("video.mp4", video), ("mask.mp4", mask)):
+        (item / name).write_bytes(path.read_bytes())
+    (item / "prompt.txt").write_text("an empty road\n")
+    result = invoke("eval", "--dataset", tmp_path / "data", "--out", tmp_path / "out", "--methods", "full",
+                    *TINY)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "aggregate.json").read_text())["settings"]["guidance"] == 5.0

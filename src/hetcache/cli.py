@@ -93,7 +93,6 @@ DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), f
 StepsOpt = Annotated[int, typer.Option(min=1, help="Denoising steps.")]
 WidthOpt = Annotated[int | None, typer.Option(help="Model width (multiple of 16); default from the source.")]
 HeightOpt = Annotated[int | None, typer.Option(help="Model height (multiple of 16); default from the source.")]
-GuidanceOpt = Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 turns it off).")]
 ModelGuidanceOpt = Annotated[
     float | None,
     typer.Option(help="Classifier-free guidance scale (<= 1 turns it off); default 5, or 1 for the proxy."),
@@ -137,6 +136,11 @@ class EditRequest:
     composite: bool = True
     hide_masked: bool = True
     method: str = NO_CACHE
+
+
+def _guidance(model: str, given: float | None) -> float:
+    """The guidance scale asked for, or the model's default (`default_guidance`) when none was."""
+    return default_guidance(model) if given is None else given
 
 
 def check_method(name: str) -> str:
@@ -211,7 +215,7 @@ def run_request(request: EditRequest) -> None:
     pipe = load_pipeline(request.model, device, dtype, height=height, width=width)
     load_s = time.perf_counter() - start
 
-    guidance = default_guidance(request.model) if request.guidance is None else request.guidance
+    guidance = _guidance(request.model, request.guidance)
     result, cache_line = _edit_with_method(pipe, config, prepared, request, guidance)
     frames = vio.composite(prepared.video, result.frames, prepared.mask) if request.composite else result.frames
 
@@ -470,7 +474,7 @@ def bench(
         model=model,
         steps=steps,
         seed=seed,
-        guidance=default_guidance(model) if guidance is None else guidance,
+        guidance=_guidance(model, guidance),
         device=device,
         dtype=dtype,
         out=out,
@@ -535,8 +539,8 @@ def evaluate(
     from hetcache.evaluate import eval_main
 
     eval_main(dataset=dataset, layout=layout, methods=methods, model=model, steps=steps, out=out, frames=frames,
-              height=height, width=width, seed=seed, guidance=guidance, device=device, dtype=dtype,
-              lpips_weights=lpips_weights, i3d_weights=i3d_weights, limit=limit)
+              height=height, width=width, seed=seed, guidance=_guidance(model, guidance), device=device,
+              dtype=dtype, lpips_weights=lpips_weights, i3d_weights=i3d_weights, limit=limit)
 
 
 @app.command()
@@ -553,7 +557,7 @@ def analyze(
     height: HeightOpt = None,
     width: WidthOpt = None,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    guidance: GuidanceOpt = 5.0,
+    guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     preset: Annotated[str, typer.Option(help="HetCache preset whose plan is drawn.")] = "hetcache-slow",
@@ -565,8 +569,8 @@ def analyze(
     from hetcache.analysis import analyze_main
 
     analyze_main(video=video, mask=mask, box=box, prompt=prompt, model=model, steps=steps, frames=frames,
-                 height=height, width=width, seed=seed, guidance=guidance, device=device, dtype=dtype, out=out,
-                 preset=preset, delta=delta, budget=budget, negative_prompt=negative_prompt)
+                 height=height, width=width, seed=seed, guidance=_guidance(model, guidance), device=device,
+                 dtype=dtype, out=out, preset=preset, delta=delta, budget=budget, negative_prompt=negative_prompt)
 
 
 def main() -> None:
