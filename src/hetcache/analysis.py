@@ -21,8 +21,6 @@ import dataclasses
 import datetime
 import json
 import math
-import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ from hetcache.pipeline import (
     MAX_SEQUENCE_LENGTH,
     check_prompt,
     load_pipeline,
-    native_limits,
+    prepare_for_model,
     resolve_device,
     resolve_dtype,
     run_edit,
@@ -415,14 +413,7 @@ def analyze_main(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
-        area, max_frames = native_limits(model)
-        prepared = vio.prepare_inputs(
-            video, mask, box=box, height=height, width=width, frames=frames, area=area, max_frames=max_frames
-        )
-    for note in prepared.notes:
-        print(f"note: {note}", file=sys.stderr)
+    prepared = prepare_for_model(model, video, mask, box, frames, height, width)
     if not prepared.mask.any():
         raise UserError("the mask is empty: nothing to analyse (pass a mask with the region to edit)")
     torch_device = resolve_device(device)

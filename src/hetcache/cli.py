@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from hetcache.pipeline import (
     check_prompt,
     default_guidance,
     load_pipeline,
-    native_limits,
+    prepare_for_model,
     resolve_device,
     resolve_dtype,
     run_edit,
@@ -167,29 +166,6 @@ def step_bar(description: str, total: int) -> Iterator[Callable[[int, int], None
     """A tqdm bar on stderr, and the `progress(done, total)` callback that `run_edit` drives it with."""
     with tqdm(total=total, desc=description, unit="step", file=sys.stderr) as bar:
         yield lambda done, _: bar.update(done - bar.n)
-
-
-def prepare_for_model(
-    model: str,
-    video: Path,
-    mask: Path | None,
-    box: str | None,
-    frames: int | None,
-    height: int | None,
-    width: int | None,
-    stride: int = 1,
-) -> vio.PreparedInputs:
-    """Read and fit the video and mask within the model's native size and length; notes go to stderr."""
-    area, max_frames = native_limits(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
-        prepared = vio.prepare_inputs(
-            video, mask, box=box, height=height, width=width, frames=frames, stride=stride, area=area,
-            max_frames=max_frames,
-        )
-    for note in prepared.notes:
-        typer.echo(f"note: {note}", err=True)
-    return prepared
 
 
 def run_request(request: EditRequest) -> None:

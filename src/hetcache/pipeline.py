@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +25,7 @@ import numpy as np
 from huggingface_hub import constants as hub_constants
 from PIL import Image
 
+from hetcache import video as vio
 from hetcache.errors import UserError
 
 if TYPE_CHECKING:
@@ -246,7 +248,31 @@ def native_limits(model: str) -> tuple[int, int]:
     """(pixel area, most frames) a model is made for: the proxy's 256x256 x 17, Wan's 480x832 x 81 otherwise."""
     if model == PROXY:
         return 256 * 256, 17
-    return 480 * 832, 81
+    return vio.DEFAULT_AREA, vio.MAX_FRAMES
+
+
+def prepare_for_model(
+    model: str,
+    video: str | Path,
+    mask: str | Path | None,
+    box: str | None,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
+    stride: int = 1,
+) -> vio.PreparedInputs:
+    """Read and fit the video and mask within the model's native size and length (`native_limits`); the notes
+    on what was adjusted go to stderr. Needs neither torch nor diffusers, so commands run it before loading."""
+    area, max_frames = native_limits(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
+        prepared = vio.prepare_inputs(
+            video, mask, box=box, height=height, width=width, frames=frames, stride=stride, area=area,
+            max_frames=max_frames,
+        )
+    for note in prepared.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return prepared
 
 
 def default_guidance(model: str) -> float:
