@@ -231,3 +231,11 @@ def test_hidden_masked_pixels_never_reach_the_model(tiny_pipe, inputs):
     np.testing.assert_array_equal(hidden, edit(tiny_pipe, (changed, mask)).frames)
     shown = edit(tiny_pipe, inputs, hide_masked=False).frames
     assert not np.array_equal(shown, edit(tiny_pipe, (changed, mask), hide_masked=False).frames)
+
+
+def test_the_proxy_has_its_own_defaults_and_other_models_wans():
+    from hetcache.pipeline import PROXY, default_guidance, default_steps, native_limits
+
+    assert (default_steps(PROXY), default_guidance(PROXY), native_limits(PROXY)) == (20, 1.0, (256 * 256, 17))
+    assert (default_steps(TINY_RANDOM), default_guidance(TINY_RANDOM), native_limits(TINY_RANDOM)) == (
+        50, 5.0, (480 * 832, 81))

@@ -34,6 +34,7 @@ from hetcache.pipeline import (
     EditResult,
     check_prompt,
     default_guidance,
+    default_steps,
     load_pipeline,
     prepare_for_model,
     resolve_device,
@@ -301,7 +302,9 @@ def edit(
     box: BoxOpt = None,
     negative_prompt: NegativeOpt = "",
     model: ModelOpt = DEFAULT_MODEL,
-    steps: StepsOpt = 50,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Denoising steps; default 50, or 20 for the proxy.")
+    ] = None,
     frames: FramesOpt = None,
     stride: Annotated[int, typer.Option(min=1, help="Take every stride-th source frame.")] = 1,
     height: HeightOpt = None,
@@ -344,7 +347,7 @@ def edit(
             side_by_side=_side_by_side_path(output, side_by_side, no_side_by_side),
             negative_prompt=negative_prompt,
             model=model,
-            steps=steps,
+            steps=default_steps(model) if steps is None else steps,
             frames=frames,
             stride=stride,
             height=height,

@@ -275,6 +275,11 @@ def prepare_for_model(
     return prepared
 
 
+def default_steps(model: str) -> int:
+    """Denoising steps by default: the 20 the proxy was measured with (docs/PROXY.md), Wan's recipe of 50 otherwise."""
+    return 20 if model == PROXY else 50
+
+
 def default_guidance(model: str) -> float:
     """The proxy learns no language, so guidance would only double its work: 1 (off); Wan's recipe uses 5."""
     return 1.0 if model == PROXY else 5.0
