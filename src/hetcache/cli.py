@@ -128,7 +128,7 @@ class EditRequest:
     height: int | None = None
     width: int | None = None
     seed: int = 0
-    guidance: float | None = None  # None: the model's default (`default_guidance`)
+    guidance: float = 5.0
     device: str = "auto"
     dtype: str = "auto"
     crf: int = 18
@@ -192,8 +192,7 @@ def run_request(request: EditRequest) -> None:
     pipe = load_pipeline(request.model, device, dtype, height=height, width=width)
     load_s = time.perf_counter() - start
 
-    guidance = _guidance(request.model, request.guidance)
-    result, cache_line = _edit_with_method(pipe, config, prepared, request, guidance)
+    result, cache_line = _edit_with_method(pipe, config, prepared, request)
     frames = vio.composite(prepared.video, result.frames, prepared.mask) if request.composite else result.frames
 
     written = [_write(request.output, frames, prepared.fps, request)]
@@ -205,7 +204,7 @@ def run_request(request: EditRequest) -> None:
     kept = "composited into the original outside the mask" if request.composite else "raw model output"
     lines = [
         f"input    {_describe_source(request.video)} -> {width}x{height} x {num_frames} frames at {prepared.fps:g} fps",
-        f"model    {request.model}, {result.steps} steps, guidance {guidance:g}, seed {request.seed}, "
+        f"model    {request.model}, {result.steps} steps, guidance {request.guidance:g}, seed {request.seed}, "
         f"{device.type}/{str(dtype).removeprefix('torch.')}",
         f"method   {request.method}: {cache_line}",
         "time     " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items()),
@@ -216,8 +215,8 @@ def run_request(request: EditRequest) -> None:
     typer.echo("\n".join(lines))
 
 
-def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs, request: EditRequest,
-                      guidance: float) -> tuple[EditResult, str]:
+def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs,
+                      request: EditRequest) -> tuple[EditResult, str]:
     """Run the edit with `config`'s cache enabled (None: the stock pipeline); the result and the summary's text
     for the cache (executed plan letters and the analytic FLOPs ratio)."""
     steps = request.steps
@@ -234,7 +233,7 @@ def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs, requ
             request.prompt,
             negative_prompt=request.negative_prompt,
             steps=steps,
-            guidance=guidance,
+            guidance=request.guidance,
             seed=request.seed,
             progress=progress,
             hide_masked=request.hide_masked,
@@ -353,7 +352,7 @@ def edit(
             height=height,
             width=width,
             seed=seed,
-            guidance=guidance,
+            guidance=_guidance(model, guidance),
             device=device,
             dtype=dtype,
             crf=crf,
@@ -404,7 +403,7 @@ def demo(
             model=model,
             steps=steps,
             seed=seed,
-            guidance=guidance,
+            guidance=_guidance(model, guidance),
             device=device,
             dtype=dtype,
             method=method,
