@@ -41,8 +41,6 @@ class HetCacheConfig:
     - `compile`: run the engine's block maths through `torch.compile` (dynamic row counts, one graph shared by
       all blocks of a kind). On a GPU, PARTIAL steps with few rows are bound by kernel launches in eager mode;
       compiling fuses the elementwise work and removes most of that overhead. The first call compiles.
-    - `split_kv`: on Hopper GPUs (bf16/fp16, default attention backend), PARTIAL self-attention cuts the keys into
-      chunks when that fills the multiprocessors' last wave of thread blocks (`hetcache.attention`).
     """
 
     delta: float | None = None
@@ -64,7 +62,6 @@ class HetCacheConfig:
     cache_dtype: torch.dtype | None = None
     seed: int = 0
     compile: bool = False
-    split_kv: bool = True
 
     def __post_init__(self) -> None:
         if self.plan is not None:

@@ -26,7 +26,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from hetcache import attention, flops, plan, select, tokens
+from hetcache import flops, plan, select, tokens
 from hetcache.config import HetCacheConfig
 from hetcache.sparse import LayerKV, RowRope, RowUpdate, blend_rows, block_rows, text_key_value, vace_block_rows
 
@@ -274,8 +274,7 @@ class HetCacheEngine:
                 blend = torch.where(self.gen_flags[rows], 0.0, self.config.ema_alpha).float()
         elif kind == "R":
             rows = torch.empty(0, dtype=torch.long, device=hidden_states.device)
-        splits = self._kv_splits(int(rows.numel()), hidden_states.device) if kind == "P" else 1
-        update = RowUpdate(rows, blend, self.config.cache_dtype, splits)
+        update = RowUpdate(rows, blend, self.config.cache_dtype)
         first_branch = branch_name == self._first_branch_name
         partial_plan = "P" in self.plan
         select_now = kind == "F" and partial_plan and self.selection_step != index
@@ -284,23 +283,6 @@ class HetCacheEngine:
         branch.calls += 1
         branch.letters += kind
         self.stats.branches[branch_name] = branch.letters
-
-    def _kv_splits(self, rows: int, device: torch.device) -> int:
-        """Key chunks for a PARTIAL step's self-attention: only where the measured wave model holds (cuDNN's
-        flash kernel on Hopper, head_dim 128, half precision, diffusers' default attention backend)."""
-        attn = self.transformer.blocks[0].attn1
-        if (
-            not self.config.split_kv
-            or device.type != "cuda"
-            or self.transformer.dtype not in (torch.bfloat16, torch.float16)
-            or attn.processor._attention_backend is not None
-            or self.shape.dim // self.shape.heads != 128
-        ):
-            return 1
-        properties = torch.cuda.get_device_properties(device)
-        if properties.major != 9:
-            return 1
-        return attention.kv_splits(rows, self.partition.num_tokens, self.shape.heads, properties.multi_processor_count)
 
     def _partial_rows(self, index: int) -> torch.Tensor:
         if index not in self.step_rows:

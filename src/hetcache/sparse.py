@@ -20,8 +20,6 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
-from hetcache.attention import split_kv_attention
-
 
 @dataclass
 class RowRope:
@@ -73,7 +71,6 @@ class RowUpdate:
     index: torch.Tensor | None  # sorted token indices of the rows; None = all tokens (a FULL step)
     blend: torch.Tensor | None = None  # [n] float weight of the OLD value per row (EMA); None = replace
     cache_dtype: torch.dtype | None = None
-    kv_splits: int = 1  # key chunks of the rows' self-attention (attention.kv_splits); 1 = one plain call
 
 
 def blend_rows(buffer: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor, blend: torch.Tensor | None,
@@ -105,15 +102,10 @@ def text_key_value(attn: torch.nn.Module, encoder_hidden_states: torch.Tensor) -
     return key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
 
 
-def _attend(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            kv_splits: int = 1) -> torch.Tensor:
-    if kv_splits > 1:
-        out = split_kv_attention(query, key, value, kv_splits)
-    else:
-        out = dispatch_attention_fn(
-            query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-            backend=attn.processor._attention_backend,
-        )
+def _attend(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    out = dispatch_attention_fn(
+        query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=attn.processor._attention_backend
+    )
     out = out.flatten(2, 3).type_as(query)
     return attn.to_out[1](attn.to_out[0](out))
 
@@ -141,7 +133,7 @@ def _self_attention(
         blend_rows(kv.value, index, value, None)
     if probe is not None:
         probe(query, kv.key)
-    out = _attend(attn, query, kv.key.to(query.dtype), kv.value.to(query.dtype), update.kv_splits)
+    out = _attend(attn, query, kv.key.to(query.dtype), kv.value.to(query.dtype))
     if index is not None and blend is not None:
         blend_rows(kv.key, index, key, blend, old[0])
         blend_rows(kv.value, index, value, blend, old[1])
