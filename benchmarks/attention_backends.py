@@ -28,20 +28,32 @@ BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")
 SPLITS = (2, 3, 4, 6)
 
 
-def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int) -> torch.Tensor:
+def flash_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's flash kernel on [B, H, n, D] chunks: (out, log-sum-exp [B, H, n])."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    return out, lse
+
+
+def cudnn_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's kernel (the default SDPA backend on the H100) on [B, H, n, D] chunks: (out, log-sum-exp [B, H, n])."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+    return out, lse.reshape(out.shape[:-1])
+
+
+def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int, chunks=flash_chunks) -> torch.Tensor:
     """Attention of q [1, n, H, D] over k, v [1, N, H, D] with the keys in `splits` chunks, merged exactly.
 
-    Each chunk's output is softmax-normalised within the chunk; weighting by softmax over the chunks'
-    log-sum-exps restores the softmax over all keys.
+    The chunks run as `splits` batch entries of one kernel call. Each chunk's output is softmax-normalised within
+    the chunk; weighting by softmax over the chunks' log-sum-exps restores the softmax over all keys.
     """
     tokens, heads = k.shape[1], k.shape[2]
     # [1, N, H, D] -> [S, H, N/S, D] as a strided view: no copy of the keys and values.
     chunk_k = k.view(splits, tokens // splits, heads, -1).transpose(1, 2)
     chunk_v = v.view(splits, tokens // splits, heads, -1).transpose(1, 2)
     chunk_q = q.transpose(1, 2).expand(splits, -1, -1, -1).contiguous()
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(chunk_q, chunk_k, chunk_v)[:2]
-    weights = torch.softmax(lse, dim=0).unsqueeze(-1).to(out.dtype)  # [S, H, n, 1]
-    return (weights * out).sum(0, keepdim=True).transpose(1, 2)
+    out, lse = chunks(chunk_q, chunk_k, chunk_v)
+    weights = torch.softmax(lse.float(), dim=0).unsqueeze(-1)  # [S, H, n, 1]
+    return (weights * out.float()).sum(0, keepdim=True).transpose(1, 2).to(q.dtype)
 
 
 def time_backend(backend: str, rows: int, repeats: int) -> float:

@@ -6,7 +6,7 @@ depend on the weights), 480x832, 33 frames (9 x 30 x 52 = 14,040 tokens), 512 te
 (benchmarks/data/driving_coverage_33x480x832.pt, token coverage of ../shared/data/driving_mask.mp4 fitted to
 480x832) plus boxes of a given row fraction.
 
-    python benchmarks/gpu_transformer.py --out results.json          # on the GPU (about 4 minutes on an H100)
+    python benchmarks/gpu_transformer.py --out results.json          # on the GPU (about 6 minutes on an H100)
     python benchmarks/gpu_transformer.py --smoke --out smoke.json    # tiny shapes on the CPU (tests use this)
 
 Prints a table last and writes every number to --out (JSON).
@@ -151,16 +151,22 @@ def forward(model, inputs, t: float = 500.0, branch: str = "cond"):
         return model(timestep=torch.tensor([t], device=inputs["hidden_states"].device), return_dict=False, **inputs)[0]
 
 
-def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile: bool = False) -> dict:
-    """Stock vs engine FULL vs PARTIAL (row-fraction sweep and the driving mask) vs REUSE, one branch."""
+def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile: bool = False,
+                         graphs: bool = False) -> dict:
+    """Stock vs engine FULL vs PARTIAL (row-fraction sweep and the driving mask) vs REUSE, one branch.
+
+    With `graphs`, PARTIAL steps replay CUDA graphs (`HetCacheConfig(cuda_graphs=True)`); FULL then writes its
+    K/V in place, so its time is measured again in the same configuration.
+    """
     n = setting.grid[0] * setting.grid[1] * setting.grid[2]
-    out: dict = {"tokens": n, "compile": compile}
+    out: dict = {"tokens": n, "compile": compile, "cuda_graphs": graphs}
     call = lambda: forward(model, inputs)  # noqa: E731
     out["stock_s"] = timer(call, setting.repeats, warmup=2)
     reference = call().float()
 
     many = setting.repeats + 4
-    sweep_config = dict(margin=0, margin_ratio=0.0, context_ratio=0.0, selection="uniform", compile=compile)
+    sweep_config = dict(margin=0, margin_ratio=0.0, context_ratio=0.0, selection="uniform", compile=compile,
+                        cuda_graphs=graphs)
     fractions = (0.75, 0.5, 0.3, 0.15) if not compile else (0.5, 0.3, 0.15)
 
     hetcache.enable(model, hetcache.HetCacheConfig(plan="F" * many + "P", **sweep_config),
@@ -175,7 +181,7 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile:
         hetcache.enable(model, hetcache.HetCacheConfig(plan="F" + "P" * many, **sweep_config),
                         token_mask=box_coverage(setting.grid, fraction))
         call()
-        seconds = timer(call, setting.repeats, warmup=2 if compile else 1)
+        seconds = timer(call, setting.repeats, warmup=2 if compile or graphs else 1)
         rows = hetcache.stats(model).rows[-1]
         hetcache.disable(model)
         out["partial"].append({"mask": f"box {fraction:.2f}", "rows": rows, "r": rows / n, "seconds": seconds})
@@ -187,14 +193,16 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile:
     hetcache.disable(model)
     if compile:
         return out
-    driving = hetcache.HetCacheConfig(plan="F" + "P" * many, margin=3)
+    driving = hetcache.HetCacheConfig(plan="F" + "P" * many, margin=3, cuda_graphs=graphs)
     hetcache.enable(model, driving, token_mask=driving_coverage(setting.grid))
     call()
-    seconds = timer(call, setting.repeats, warmup=1)
+    seconds = timer(call, setting.repeats, warmup=2 if graphs else 1)
     stats = hetcache.stats(model)
     hetcache.disable(model)
     out["partial"].append({"mask": "driving (margin 3, rho_m 0.7, rho_c 0.05)", "rows": stats.rows[-1],
                            "r": stats.rows[-1] / n, "seconds": seconds, "tokens": stats.tokens})
+    if graphs:
+        return out
 
     # Selection overhead: a FULL step that clusters and scores context tokens vs one that does not.
     selecting = hetcache.HetCacheConfig(plan="F" * many + "P", margin=3)
@@ -214,6 +222,26 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile:
     out["selection_overhead"] = out["full_with_selection_s"] / out["full_uniform_selection_s"] - 1.0
     out["selection_parts"] = selection_parts(model, inputs, setting, timer)
     return out
+
+
+def graph_check(model, inputs, setting: Setting, steps: int = 6) -> dict:
+    """PARTIAL steps replayed from CUDA graphs give the outputs of the same steps run eagerly (bitwise on the GPU:
+    the same kernels on the same inputs); new latents and timesteps at every step."""
+    def run(graphs: bool) -> tuple[list[torch.Tensor], int]:
+        config = hetcache.HetCacheConfig(plan="F" + "P" * (steps - 1), margin=3, cuda_graphs=graphs)
+        hetcache.enable(model, config, token_mask=driving_coverage(setting.grid))
+        outputs = []
+        for step in range(steps):
+            step_inputs = dict(inputs, hidden_states=make_inputs(setting, seed=100 + step)["hidden_states"])
+            outputs.append(forward(model, step_inputs, 900.0 - 100.0 * step))
+        captured = len(engine_of(model).graphs or ())
+        hetcache.disable(model)
+        return outputs, captured
+
+    eager, _ = run(False)
+    replayed, captured = run(True)
+    return {"steps": steps, "graphs_captured": captured,
+            "max_abs_diff": max(float((a.float() - b.float()).abs().max()) for a, b in zip(eager, replayed))}
 
 
 def selection_parts(model, inputs, setting: Setting, timer: Timer) -> dict:
@@ -281,11 +309,12 @@ def denoising_loops(model, inputs, setting: Setting, timer: Timer, compile: bool
     uncond = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].flip(1))
     timesteps = torch.linspace(999.0, 10.0, setting.steps)
     rows = []
-    runs = [(name, letters, False) for name, letters in PLANS.items()]
-    if compile:
-        runs += [(name + "+compile", letters, True) for name, letters in PLANS.items() if "hetcache" in name]
-    for name, letters, compiled in runs:
-        config = hetcache.HetCacheConfig(plan=letters, margin=3, compile=compiled)
+    runs = [(name, letters, False, False) for name, letters in PLANS.items()]
+    variants = [("+graphs", False, True)] + ([("+compile", True, False), ("+compile+graphs", True, True)] if compile else [])
+    for suffix, compiled, graphs in variants:  # dense and TeaCache-like have no PARTIAL step: graphs change nothing
+        runs += [(name + suffix, letters, compiled, graphs) for name, letters in PLANS.items() if "hetcache" in name]
+    for name, letters, compiled, graphs in runs:
+        config = hetcache.HetCacheConfig(plan=letters, margin=3, compile=compiled, cuda_graphs=graphs)
 
         def loop() -> None:
             hetcache.enable(model, config, token_mask=driving_coverage(setting.grid))
@@ -361,6 +390,10 @@ def main() -> None:
     setting = smoke_setting() if args.smoke else real_setting()
     skip = set(filter(None, args.skip.split(",")))
     torch.set_grad_enabled(False)
+    # Compiled variants are cached per function, shared by every engine this process builds (about a dozen
+    # configurations here, each with FULL / PARTIAL, main / VACE and in-place variants): raise dynamo's limit of 8 so
+    # none of them falls back to eager.
+    torch._dynamo.config.recompile_limit = 64
     timer = Timer(setting.device)
     report: dict = {
         "setting": {"smoke": args.smoke, "grid": setting.grid, "text_len": setting.text_len, "steps": setting.steps,
@@ -377,8 +410,12 @@ def main() -> None:
     compile_too = "compile" not in skip
     if "forward" not in skip:
         report["forward"] = engine_forward_times(model, inputs, setting, timer)
+        report["forward_graphs"] = engine_forward_times(model, inputs, setting, timer, graphs=True)
         if compile_too:
             report["forward_compiled"] = engine_forward_times(model, inputs, setting, timer, compile=True)
+            report["forward_compiled_graphs"] = engine_forward_times(model, inputs, setting, timer, compile=True,
+                                                                     graphs=True)
+        report["graph_check"] = graph_check(model, inputs, setting)
     if "profile" not in skip:
         report["profile_partial_r015"] = profile_partial(model, inputs, setting)
     if "loops" not in skip:
@@ -388,15 +425,21 @@ def main() -> None:
         with contextlib.suppress(Exception):
             torch.cuda.empty_cache()
         report["big_block"] = big_block(setting, timer)
+    report["targets"] = check_targets(report)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     print_table(report)
+    print_targets(report["targets"])
 
 
 def print_table(report: dict) -> None:
     print(f"device: {report['device']}  torch {report['versions']['torch']}  diffusers {report['versions']['diffusers']}")
-    for key in ("forward", "forward_compiled"):
+    for key in ("forward", "forward_graphs", "forward_compiled", "forward_compiled_graphs"):
         print_forward(report.get(key))
+    check = report.get("graph_check")
+    if check:
+        print(f"CUDA graphs vs eager PARTIAL steps: {check['graphs_captured']} graph(s) captured, max abs diff "
+              f"{check['max_abs_diff']:.1e} over {check['steps']} steps")
     parts = (report.get("forward") or {}).get("selection_parts")
     if parts:
         print("selection pieces (ms): " + ", ".join(f"{k[:-2]} {1e3 * v:.2f}" for k, v in parts.items()))
@@ -405,7 +448,8 @@ def print_table(report: dict) -> None:
 
 def print_forward(forward_times: dict | None) -> None:
     if forward_times:
-        label = "compiled engine" if forward_times["compile"] else "eager engine"
+        label = ("compiled engine" if forward_times["compile"] else "eager engine") + (
+            " + CUDA graphs" if forward_times.get("cuda_graphs") else "")
         print(f"--- {label}")
         full = forward_times["engine_full_s"]
         print(f"per forward (one branch, {forward_times['tokens']} tokens): stock {1e3 * forward_times['stock_s']:.1f} ms, "
@@ -421,6 +465,51 @@ def print_forward(forward_times: dict | None) -> None:
             target = 1.1 * row["r"] * full + 2e-3
             print(f"{row['mask']:<44}{row['r']:7.3f}{1e3 * row['seconds']:9.1f}{row['seconds'] / full:8.3f}"
                   f"{target / full:8.3f}")
+
+
+# Engine modes: report key -> (suffix of the mode's loop names, label).
+MODES = {"forward": ("", "eager"), "forward_graphs": ("+graphs", "eager + CUDA graphs"),
+         "forward_compiled": ("+compile", "compiled"), "forward_compiled_graphs": ("+compile+graphs", "compiled + graphs")}
+
+
+def check_targets(report: dict) -> dict:
+    """Issue 5's targets per engine mode, each with the measured value and its limit (medians of this run).
+
+    Loops of a mode: its HetCache plans (and, for the plain eager mode, the dense and TeaCache-like plans),
+    against the eager dense loop.
+    """
+    verdicts = {}
+    for key, (suffix, _) in MODES.items():
+        times = report.get(key)
+        if not times:
+            continue
+        full = times["engine_full_s"]
+        checks = [("FULL / stock", full / times["stock_s"], 1.02)]
+        for row in times["partial"]:
+            if row["r"] >= 0.15:
+                checks.append((f"PARTIAL {row['mask'].split(' (')[0]} r={row['r']:.3f} / FULL", row["seconds"] / full,
+                               (1.1 * row["r"] * full + 2e-3) / full))
+        checks.append(("REUSE / FULL", times["reuse_s"] / full, 0.01))
+        if "selection_overhead" in times:
+            overhead = (times["full_with_selection_s"] - times["full_uniform_selection_s"]) / full
+            checks.append(("selection / FULL forward", overhead, 0.03))
+        for row in report.get("loops", []):
+            name = row["plan"]
+            if (suffix and name.endswith(suffix) and name[: -len(suffix)] in PLANS) or (not suffix and name in PLANS):
+                checks.append((f"loop {name}: speedup / FLOPs speedup", row["efficiency"], 0.9))
+        rows = [{"target": what, "measured": value, "limit": limit,
+                 "met": value >= limit if what.startswith("loop") else value <= limit} for what, value, limit in checks]
+        verdicts[key] = {"all_met": all(row["met"] for row in rows), "checks": rows}
+    return verdicts
+
+
+def print_targets(verdicts: dict) -> None:
+    print("targets of issue 5 (same run):")
+    for key, verdict in verdicts.items():
+        missed = [f"{row['target']} {row['measured']:.3f} (limit {row['limit']:.3f})" for row in verdict["checks"]
+                  if not row["met"]]
+        print(f"  {MODES[key][1]:<20} {'all met' if verdict['all_met'] else 'missed: ' + '; '.join(missed)} "
+              f"({len(verdict['checks'])} checks)")
 
 
 def print_rest(report: dict) -> None:

@@ -8,8 +8,8 @@ per cent over it. This script separates the three possible causes:
    fill the H100's 132 multiprocessors once), the penalty is the last wave of thread blocks running part-empty.
    It also times ways round that: the query rows cut in two and run on two CUDA streams (so the second cut's
    blocks fill the first one's idle multiprocessors), both CFG branches in one call (batch 2), and split-KV
-   (`hetcache.attention`: S key chunks as S batch entries of one cuDNN call, merged by log-sum-exp) for S = 1-6
-   at several row counts, next to the S that `attention.kv_splits` picks;
+   (S key chunks as S batch entries of one cuDNN call, merged by log-sum-exp: `split_kv_attention` in
+   attention_backends.py) for S = 1-6 at several row counts;
 2. idle device time between kernels (the host not keeping ahead): a kernel timeline of one compiled FULL and one
    compiled PARTIAL forward, busy time as the union of kernel intervals against the span, kernel time by kind;
 3. host launch work as such: the same compiled forwards replayed as one CUDA graph.
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import hetcache  # noqa: E402
+from attention_backends import cudnn_chunks, split_kv_attention  # noqa: E402
 from gpu_transformer import box_coverage, build_model, make_inputs, real_setting  # noqa: E402
-from hetcache import attention as split_attention  # noqa: E402
 from hetcache.engine import engine_of  # noqa: E402
 
 TOKENS, HEADS, HEAD_DIM = 14_040, 12, 128
@@ -98,17 +98,16 @@ def attention_study() -> dict:
                                     "max_abs_err": error}
     q2 = q_all[:, :R015_ROWS].contiguous()
     out["cfg_batch2_ms"] = cuda_time(lambda: attention(q2, k, v))
-    multiprocessors = torch.cuda.get_device_properties(0).multi_processor_count
     out["split_kv"] = {}
     for n in (1472, 2160, 2816, 3600, 4176, 5826, 7020):
         q = q_all[:1, :n].contiguous()
         reference = attention(q, k[:1], v[:1]).float()
-        row = {"picked": split_attention.kv_splits(n, TOKENS, HEADS, multiprocessors), "ms": {}, "max_abs_err": {}}
+        row = {"ms": {}, "max_abs_err": {}}
         for splits in range(1, 7):
             if splits == 1:
                 run = lambda q=q: attention(q, k[:1], v[:1])  # noqa: E731
             else:
-                run = lambda q=q, s=splits: split_attention.split_kv_attention(q, k[:1], v[:1], s)  # noqa: E731
+                run = lambda q=q, s=splits: split_kv_attention(q, k[:1], v[:1], s, cudnn_chunks)  # noqa: E731
             try:
                 row["max_abs_err"][splits] = float((run().float() - reference).abs().max())
                 row["ms"][splits] = cuda_time(run)
@@ -182,17 +181,13 @@ def engine_study(model, inputs, grid) -> dict:
 
     sweep = dict(margin=0, margin_ratio=0.0, context_ratio=0.0, selection="uniform", compile=True)
     out = {}
-    runs = (("full", "F" * 40 + "P", 0.5, True), ("partial_r015", "F" + "P" * 40, 0.15, True),
-            ("partial_r015_no_split", "F" + "P" * 40, 0.15, False))
-    for name, plan, fraction, split_kv in runs:
-        config = hetcache.HetCacheConfig(plan=plan, split_kv=split_kv, **sweep)
-        hetcache.enable(model, config, token_mask=box_coverage(grid, fraction))
+    for name, plan, fraction in (("full", "F" * 40 + "P", 0.5), ("partial_r015", "F" + "P" * 40, 0.15)):
+        hetcache.enable(model, hetcache.HetCacheConfig(plan=plan, **sweep), token_mask=box_coverage(grid, fraction))
         engine = engine_of(model)
         row = {"ms": cuda_time(call, warmup=4)}
         row["rows"] = hetcache.stats(model).rows[-1]
-        row["kv_splits"] = engine._kv_splits(row["rows"], torch.device("cuda")) if "partial" in name else 1
         row["timeline"] = kernel_timeline(call)
-        if name.startswith("partial"):  # the same rows at every index: no new selection during capture
+        if name == "partial_r015":  # the same rows at every index: no new selection during capture
             fixed = engine.step_rows[max(engine.step_rows)]
             engine._partial_rows = lambda index, fixed=fixed: fixed
         else:  # no selection during capture
@@ -228,18 +223,18 @@ def print_table(report: dict) -> None:
     print(f"  r=0.15 ({R015_ROWS} rows): one call {att['r015_ms']:.3f} ms; two streams "
           + ", ".join(f"cut {cut}: {v['ms']:.3f} ms (err {v['max_abs_err']:.1e})" for cut, v in att["two_stream_ms"].items())
           + f"; CFG batch 2: {att['cfg_batch2_ms']:.3f} ms ({att['cfg_batch2_ms'] / 2:.3f} per branch)")
-    print("split-KV (ms for S = 1..6 key chunks; * = kv_splits' pick; max abs error vs one call):")
+    print("split-KV on cuDNN (ms for S = 1..6 key chunks; max abs error vs one call):")
     for n, row in att["split_kv"].items():
         if "error" in row:
             print(f"  n={n:>5}: {row['error']}")
-        print(f"  n={n:>5}: " + "  ".join(f"{'*' if s == row['picked'] else ' '}{ms:.3f}" for s, ms in row["ms"].items())
+        print(f"  n={n:>5}: " + "  ".join(f"{ms:.3f}" for ms in row["ms"].values())
               + f"   err <= {max(row['max_abs_err'].values(), default=0.0):.1e}")
     full = report["engine"]["full"]
     for name, row in report["engine"].items():
         line = row["timeline"]
         graph = row["graph_ms"]
         graph_text = f"{graph:.1f} ms" if isinstance(graph, float) else graph
-        print(f"compiled {name} ({row['rows']} rows, {row['kv_splits']} key chunks): {row['ms']:.1f} ms ({row['ms'] / full['ms']:.3f} x FULL); "
+        print(f"compiled {name} ({row['rows']} rows): {row['ms']:.1f} ms ({row['ms'] / full['ms']:.3f} x FULL); "
               f"graph replay {graph_text}")
         print(f"  timeline: span {line['span_ms']:.1f} ms, busy {line['busy_ms']:.1f} ms, {line['kernels']} kernels, "
               f"{line['gaps_over_20us']} gaps > 20 us, largest {[round(g, 3) for g in line['largest_gaps_ms']]}; "

@@ -29,13 +29,23 @@ def test_gpu_transformer_smoke_writes_every_field(tmp_path):
     assert all(0 < row["r"] < 1 and row["rows"] > 0 for row in forward["partial"])
     assert set(forward["selection_parts"]) == {"partition_s", "kmeans_s", "scores_s", "context_rows_s"}
     loops = {row["plan"]: row for row in report["loops"]}
-    assert set(loops) == {"dense", "teacache-like", "hetcache-A", "hetcache-B"}
+    assert set(loops) == {"dense", "teacache-like", "hetcache-A", "hetcache-B", "hetcache-A+graphs", "hetcache-B+graphs"}
     for row in loops.values():
         assert len(row["letters"]) == 50 and row["flops"] <= row["dense_flops"]
         assert row["flops_speedup"] == row["dense_flops"] / row["flops"]
     assert loops["dense"]["letters"] == "F" * 50 and loops["hetcache-B"]["cache_bytes"] > 0
     assert report["big_block"]["kv_bytes_per_layer_per_branch"] > 0
-    assert "PARTIAL" in result.stdout  # the table is printed last
+    graphs = report["forward_graphs"]
+    assert graphs["cuda_graphs"] and [row["mask"][:3] for row in graphs["partial"]] == ["box"] * 4 + ["dri"]
+    # No CUDA here: the graph mode runs eagerly with in-place buffers, bitwise the default mode.
+    assert report["graph_check"]["graphs_captured"] == 0 and report["graph_check"]["max_abs_diff"] == 0.0
+    # Every target of issue 5 is checked per mode: FULL, 4 box fractions + the driving mask, REUSE, loops.
+    targets = report["targets"]
+    assert set(targets) == {"forward", "forward_graphs"}
+    assert len(targets["forward"]["checks"]) == 1 + 5 + 1 + 1 + 4 and len(targets["forward_graphs"]["checks"]) == 9
+    for verdict in targets.values():
+        assert verdict["all_met"] == all(row["met"] for row in verdict["checks"])
+    assert "PARTIAL" in result.stdout and "targets of issue 5" in result.stdout
 
 
 def test_cpu_sparse_reports_both_row_fractions(tmp_path, monkeypatch):

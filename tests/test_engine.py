@@ -221,3 +221,30 @@ def test_cache_dtype_shrinks_the_caches(model, dtype, bytes_per_value, tolerance
     out, small_bytes = run(cfg(plan="FPRP", cache_dtype=dtype))
     assert small_bytes == full_bytes * bytes_per_value // 4
     assert (out - reference).norm() / reference.norm() < tolerance
+
+
+def test_cuda_graph_mode_keeps_buffers_in_place_and_outputs_unchanged(model):
+    """With cuda_graphs on, FULL steps write K/V and the residual into the buffers PARTIAL graphs read by address;
+    the outputs stay bitwise those of the default mode (on the CPU no graph is captured)."""
+    steps = [(tiny_inputs(seed), t) for seed, t in enumerate((900.0, 800.0, 700.0, 600.0))]
+
+    def run(graphs):
+        hetcache.enable(model, cfg(plan="FPFP", cuda_graphs=graphs), mask=mask())
+        state = lambda: engine_of(model)._states["cond"]  # noqa: E731
+        outputs, addresses = [], []
+        for x, t in steps:
+            outputs.append(call(model, x, t))
+            addresses.append((state().main_kv[0].key.data_ptr(), state().vace_kv[0].value.data_ptr(),
+                              state().residual.data_ptr()))
+        assert hetcache.stats(model).plan == "FPFP"
+        return outputs, addresses
+
+    default, _ = run(False)
+    graphed, addresses = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(default, graphed))
+    assert len(set(addresses)) == 1  # the second FULL step wrote into the first one's buffers
+
+
+def test_cuda_graphs_refuse_ema():
+    with pytest.raises(ValueError, match="ema_alpha"):
+        hetcache.HetCacheConfig(cuda_graphs=True, ema_alpha=0.5)

@@ -28,6 +28,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from hetcache import flops, plan, select, tokens
 from hetcache.config import HetCacheConfig
+from hetcache.graphs import PartialGraphs
 from hetcache.sparse import LayerKV, RowRope, RowUpdate, blend_rows, block_rows, text_key_value, vace_block_rows
 
 HOOK_NAME = "hetcache"
@@ -146,6 +147,7 @@ class HetCacheEngine:
         self._states: dict[str, BranchState] = {}
         self._first_branch_name = ""
         self._timesteps_host: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self.graphs = PartialGraphs() if config.cuda_graphs else None
         self._new_video()
 
     # ----------------------------------------------------------------------------------------------- video state
@@ -161,6 +163,8 @@ class HetCacheEngine:
         self.text_len = 0
         self.ctx: StepContext | None = None
         self._video_started = False
+        if self.graphs is not None:
+            self.graphs.clear()
 
     def end_video(self) -> None:
         """Called when the pipeline resets its stateful hooks after a call: drop per-video state, keep stats."""
@@ -264,6 +268,8 @@ class HetCacheEngine:
             kind = "F"  # nothing cached for this branch yet
         if branch.text_source is not text:
             branch.text_kv.clear()
+            if self.graphs is not None:  # the graphs read the old text K/V
+                self.graphs.clear()
             branch.text_source = text
         branch.grid = grid
 
@@ -274,7 +280,7 @@ class HetCacheEngine:
                 blend = torch.where(self.gen_flags[rows], 0.0, self.config.ema_alpha).float()
         elif kind == "R":
             rows = torch.empty(0, dtype=torch.long, device=hidden_states.device)
-        update = RowUpdate(rows, blend, self.config.cache_dtype)
+        update = RowUpdate(rows, blend, self.config.cache_dtype, in_place=self.graphs is not None)
         first_branch = branch_name == self._first_branch_name
         partial_plan = "P" in self.plan
         select_now = kind == "F" and partial_plan and self.selection_step != index
@@ -305,7 +311,18 @@ class HetCacheEngine:
             self.stats.plan += kind
             self.stats.rows.append(computed)
 
+    def use_rows(self, rows: torch.Tensor) -> None:
+        """Read this call's rows from `rows` (a CUDA graph's own buffer): the gather, the RoPE rows, the assembly."""
+        self.ctx.rows = self.ctx.update.index = rows
+        self.ctx.rope = None
+        self.rope_rows = {}
+
     def end_call(self) -> None:
+        if self.graphs is not None:
+            for failure in self.graphs.failures:
+                note = f"CUDA graph capture failed, PARTIAL steps run eagerly: {failure}"
+                if note not in self.stats.notes:
+                    self.stats.notes.append(note)
         ctx, self.ctx = self.ctx, None
         if ctx is not None:
             total = sum(state.nbytes() for state in self._branch_states())
@@ -334,6 +351,19 @@ class HetCacheEngine:
             cache[(kind, layer)] = text_key_value(attn, text)
         return cache[(kind, layer)]
 
+    def _layer_kv(self, layers: dict[int, LayerKV], layer: int, rows: torch.Tensor) -> LayerKV:
+        """The layer's K/V buffers. In place mode (CUDA graphs) they are allocated here, once, so the block maths
+        always writes into existing tensors (and compiled code sees one kind of argument)."""
+        kv = layers.setdefault(layer, LayerKV())
+        if self.ctx.update.in_place:
+            heads = self.shape.heads
+            shape = (rows.shape[0], self.partition.num_tokens, heads, self.shape.dim // heads)
+            dtype = self.config.cache_dtype or rows.dtype
+            if kv.key is None or kv.key.shape != shape or kv.key.dtype != dtype:
+                kv.key = torch.empty(shape, dtype=dtype, device=rows.device)
+                kv.value = torch.empty_like(kv.key)
+        return kv
+
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.ctx.rows
         return x if rows is None else x.index_select(1, rows)
@@ -349,7 +379,7 @@ class HetCacheEngine:
             return None
         if ctx.kind == "R":
             return hidden_states
-        kv = ctx.branch.main_kv.setdefault(layer, LayerKV())
+        kv = self._layer_kv(ctx.branch.main_kv, layer, hidden_states)
         args = (block, hidden_states, temb, self._rope(rotary_emb), kv, self._text("main", layer, block.attn2, text),
                 ctx.update)
         if ctx.select_now and layer == self.num_main - 1 and self._needs_scores():
@@ -368,7 +398,7 @@ class HetCacheEngine:
             hidden_states = self._gather(hidden_states)
         if ctx.kind == "R":
             return control, control
-        kv = ctx.branch.vace_kv.setdefault(layer, LayerKV())
+        kv = self._layer_kv(ctx.branch.vace_kv, layer, hidden_states)
         return self.vace_rows(block, hidden_states, control, temb, self._rope(rotary_emb), kv,
                               self._text("vace", layer, block.attn2, text), ctx.update)
 
@@ -380,7 +410,13 @@ class HetCacheEngine:
         branch = ctx.branch
         hidden_in = branch.hidden_in.float()
         if ctx.kind == "F":
-            branch.residual = (hidden_states - hidden_in).to(self.config.cache_dtype or branch.hidden_in.dtype)
+            residual = hidden_states - hidden_in
+            dtype = self.config.cache_dtype or branch.hidden_in.dtype
+            kept = branch.residual
+            if ctx.update.in_place and kept is not None and kept.shape == residual.shape and kept.dtype == dtype:
+                kept.copy_(residual)
+            else:
+                branch.residual = residual.to(dtype)
             if ctx.select_now:
                 self._select_context(hidden_states)
             return hidden_states
@@ -521,7 +557,11 @@ class TransformerHook(ModelHook):
         branch, name = self._branch()
         self.engine.begin_call(hidden_states, timestep, text, branch, name)
         try:
-            if self.engine.ctx.kind != "R":
+            ctx = self.engine.ctx
+            if ctx.kind == "P" and self.engine.graphs is not None and hidden_states.is_cuda:
+                return self.engine.graphs.run(name, ctx.rows, args, kwargs, self.fn_ref.original_forward,
+                                              self.engine.use_rows)
+            if ctx.kind != "R":
                 return self.fn_ref.original_forward(*args, **kwargs)
             with torch.no_grad():
                 output = reuse_forward(module, hidden_states, timestep, text, branch.residual)

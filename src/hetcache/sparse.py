@@ -71,6 +71,7 @@ class RowUpdate:
     index: torch.Tensor | None  # sorted token indices of the rows; None = all tokens (a FULL step)
     blend: torch.Tensor | None = None  # [n] float weight of the OLD value per row (EMA); None = replace
     cache_dtype: torch.dtype | None = None
+    in_place: bool = False  # FULL steps write K/V into the engine's buffers (CUDA graphs read them by address)
 
 
 def blend_rows(buffer: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor, blend: torch.Tensor | None,
@@ -124,8 +125,12 @@ def _self_attention(
     value = value.unflatten(2, (attn.heads, -1))
     index, blend = update.index, update.blend
     if index is None:
-        dtype = update.cache_dtype or key.dtype
-        kv.key, kv.value = key.to(dtype), value.to(dtype)
+        if update.in_place:
+            kv.key.copy_(key)
+            kv.value.copy_(value)
+        else:  # no copy when the cache dtype is the compute dtype
+            dtype = update.cache_dtype or key.dtype
+            kv.key, kv.value = key.to(dtype), value.to(dtype)
     else:
         # Attention sees the fresh rows; with EMA the blended rows are stored afterwards.
         old = None if blend is None else (kv.key.index_select(1, index), kv.value.index_select(1, index))

@@ -1,0 +1,111 @@
+"""CUDA-graph replay of PARTIAL forwards: captured once per (branch, row count), replayed at later PARTIAL steps.
+
+A PARTIAL forward at small r is many small kernels (about 1,000 compiled, 2,300 eager at the 1.3B size), and the
+host launching them sets the pace: on the H100 a compiled r = 0.15 step keeps the GPU busy 37 ms of its 41-44
+(docs/BENCHMARKS.md). A graph launches them all at once.
+
+A graph reads and writes memory at the addresses it was captured with, so everything a PARTIAL forward touches
+must stay where it is between steps:
+- the call's tensor arguments and the step's rows: copied into the graph's own buffers before each replay;
+- the K/V buffers and the residual: FULL steps write into them in place while graphs are on (`RowUpdate.in_place`);
+- the text K/V and the RoPE tables: made once per video.
+The engine drops its graphs whenever any of those is made anew (a new video, new text).
+
+The first PARTIAL call of a key runs eagerly (it loads kernels, compiled code and attention plans, which capture
+cannot); the second is captured and replayed; later ones replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+
+@dataclass
+class CapturedForward:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[Any]  # the call's flattened arguments; tensors are the graph's static copies
+    rows: torch.Tensor
+    output: Any
+
+
+class PartialGraphs:
+    """The captured PARTIAL forwards of one video."""
+
+    def __init__(self) -> None:
+        self._captured: dict[tuple, CapturedForward] = {}
+        self._warm: set[tuple] = set()
+        self.failures: list[str] = []  # why a key fell back to eager (capture raised)
+        self._eager: set[tuple] = set()
+
+    def clear(self) -> None:
+        """Forget every graph (and its memory pool): what they read by address is being replaced."""
+        self._captured.clear()
+        self._warm.clear()
+        self._eager.clear()
+
+    def __len__(self) -> int:
+        return len(self._captured)
+
+    def run(
+        self,
+        branch: str,
+        rows: torch.Tensor,
+        args: tuple,
+        kwargs: dict,
+        forward: Callable[..., Any],
+        use_rows: Callable[[torch.Tensor], None],
+    ) -> Any:
+        """forward(*args, **kwargs) for a PARTIAL step computing `rows`, replayed from a graph where one exists.
+
+        `use_rows(buffer)` makes the engine read the step's rows from `buffer` for the rest of this call.
+        """
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        key = (branch, int(rows.numel()), str(spec), *(_signature(value) for value in flat))
+        captured = self._captured.get(key)
+        if captured is None:
+            if key in self._eager or key not in self._warm:
+                self._warm.add(key)
+                return forward(*args, **kwargs)
+            captured = self._capture(key, flat, spec, rows, forward, use_rows)
+            if captured is None:
+                return forward(*args, **kwargs)
+        else:
+            for static, value in zip(captured.inputs, flat):
+                if isinstance(static, torch.Tensor):
+                    static.copy_(value)
+            captured.rows.copy_(rows)
+        captured.graph.replay()
+        return pytree.tree_map(lambda value: value.clone() if isinstance(value, torch.Tensor) else value,
+                               captured.output)
+
+    def _capture(self, key: tuple, flat: list, spec: pytree.TreeSpec, rows: torch.Tensor,
+                 forward: Callable[..., Any], use_rows: Callable[[torch.Tensor], None]) -> CapturedForward | None:
+        inputs = [value.clone() if isinstance(value, torch.Tensor) else value for value in flat]
+        static_rows = rows.clone()
+        use_rows(static_rows)
+        args, kwargs = pytree.tree_unflatten(inputs, spec)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                output = forward(*args, **kwargs)
+        except Exception as error:  # an op that cannot be captured: this key stays eager
+            self._eager.add(key)
+            self.failures.append(f"{type(error).__name__}: {error}"[:200])
+            use_rows(rows)
+            return None
+        captured = CapturedForward(graph, inputs, static_rows, output)
+        self._captured[key] = captured
+        return captured
+
+
+def _signature(value: Any) -> Any:
+    """What a replay must match: shape, dtype and device of tensors; the value of anything else."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    return ("value", repr(value))
