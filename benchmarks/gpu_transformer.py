@@ -155,8 +155,9 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile:
                          graphs: bool = False) -> dict:
     """Stock vs engine FULL vs PARTIAL (row-fraction sweep and the driving mask) vs REUSE, one branch.
 
-    With `graphs`, PARTIAL steps replay CUDA graphs (`HetCacheConfig(cuda_graphs=True)`); FULL then writes its
-    K/V in place, so its time is measured again in the same configuration.
+    With `graphs` (`HetCacheConfig(cuda_graphs=True)`), PARTIAL steps of at most graphs.MAX_ROW_SHARE of the tokens
+    replay CUDA graphs and FULL steps then write K/V in place: FULL is timed on a small mask so that it does.
+    Each PARTIAL row records whether graphs were active.
     """
     n = setting.grid[0] * setting.grid[1] * setting.grid[2]
     out: dict = {"tokens": n, "compile": compile, "cuda_graphs": graphs}
@@ -170,7 +171,9 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile:
     fractions = (0.75, 0.5, 0.3, 0.15) if not compile else (0.5, 0.3, 0.15)
 
     hetcache.enable(model, hetcache.HetCacheConfig(plan="F" * many + "P", **sweep_config),
-                    token_mask=box_coverage(setting.grid, 0.5))
+                    token_mask=box_coverage(setting.grid, 0.15 if graphs else 0.5))
+    call()
+    out["engine_full_graphs_active"] = engine_of(model).graphs_active
     out["engine_full_s"] = timer(call, setting.repeats, warmup=3 if compile else 2)
     got = call().float()
     out["engine_full_rel_err"] = float((got - reference).norm() / reference.norm())
@@ -183,8 +186,10 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile:
         call()
         seconds = timer(call, setting.repeats, warmup=2 if compile or graphs else 1)
         rows = hetcache.stats(model).rows[-1]
+        active = engine_of(model).graphs_active
         hetcache.disable(model)
-        out["partial"].append({"mask": f"box {fraction:.2f}", "rows": rows, "r": rows / n, "seconds": seconds})
+        out["partial"].append({"mask": f"box {fraction:.2f}", "rows": rows, "r": rows / n, "seconds": seconds,
+                               "graphs_active": active})
 
     hetcache.enable(model, hetcache.HetCacheConfig(plan="F" + "R" * many, **sweep_config),
                     token_mask=box_coverage(setting.grid, 0.5))
@@ -198,14 +203,16 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile:
     call()
     seconds = timer(call, setting.repeats, warmup=2 if graphs else 1)
     stats = hetcache.stats(model)
+    active = engine_of(model).graphs_active
     hetcache.disable(model)
     out["partial"].append({"mask": "driving (margin 3, rho_m 0.7, rho_c 0.05)", "rows": stats.rows[-1],
-                           "r": stats.rows[-1] / n, "seconds": seconds, "tokens": stats.tokens})
+                           "r": stats.rows[-1] / n, "seconds": seconds, "tokens": stats.tokens,
+                           "graphs_active": active})
     if graphs:
         return out
 
     # Selection overhead: a FULL step that clusters and scores context tokens vs one that does not.
-    selecting = hetcache.HetCacheConfig(plan="F" * many + "P", margin=3)
+    selecting = hetcache.HetCacheConfig(plan="F" * many + "P", margin=3, cuda_graphs=False)
     hetcache.enable(model, selecting, token_mask=driving_coverage(setting.grid))
     engine = engine_of(model)
 
@@ -215,7 +222,8 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile:
 
     out["full_with_selection_s"] = timer(full_with_selection, setting.repeats, warmup=2)
     hetcache.disable(model)
-    hetcache.enable(model, hetcache.HetCacheConfig(plan="F" * many + "P", margin=3, selection="uniform"),
+    hetcache.enable(model, hetcache.HetCacheConfig(plan="F" * many + "P", margin=3, selection="uniform",
+                                                   cuda_graphs=False),
                     token_mask=driving_coverage(setting.grid))
     out["full_uniform_selection_s"] = timer(call, setting.repeats, warmup=2)
     hetcache.disable(model)
@@ -226,21 +234,23 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile:
 
 def graph_check(model, inputs, setting: Setting, steps: int = 6) -> dict:
     """PARTIAL steps replayed from CUDA graphs give the outputs of the same steps run eagerly (bitwise on the GPU:
-    the same kernels on the same inputs); new latents and timesteps at every step."""
+    the same kernels on the same inputs); new latents and timesteps at every step, and rows that change from step
+    to step (the margin share rotates). A 0.1 box with a 2-token margin: PARTIAL steps of about 0.2 of the tokens."""
     def run(graphs: bool) -> tuple[list[torch.Tensor], int]:
-        config = hetcache.HetCacheConfig(plan="F" + "P" * (steps - 1), margin=3, cuda_graphs=graphs)
-        hetcache.enable(model, config, token_mask=driving_coverage(setting.grid))
+        config = hetcache.HetCacheConfig(plan="F" + "P" * (steps - 1), margin=2, cuda_graphs=graphs)
+        hetcache.enable(model, config, token_mask=box_coverage(setting.grid, 0.1))
         outputs = []
         for step in range(steps):
             step_inputs = dict(inputs, hidden_states=make_inputs(setting, seed=100 + step)["hidden_states"])
             outputs.append(forward(model, step_inputs, 900.0 - 100.0 * step))
         captured = len(engine_of(model).graphs or ())
+        rows = hetcache.stats(model).rows
         hetcache.disable(model)
-        return outputs, captured
+        return outputs, captured, rows
 
-    eager, _ = run(False)
-    replayed, captured = run(True)
-    return {"steps": steps, "graphs_captured": captured,
+    eager, _, _ = run(False)
+    replayed, captured, rows = run(True)
+    return {"steps": steps, "graphs_captured": captured, "rows": rows,
             "max_abs_diff": max(float((a.float() - b.float()).abs().max()) for a, b in zip(eager, replayed))}
 
 
@@ -278,7 +288,7 @@ def profile_partial(model, inputs, setting: Setting, fraction: float = 0.15) -> 
     out = {}
     for compiled in (False, True):
         config = hetcache.HetCacheConfig(plan="F" + "P" * 8, margin=0, margin_ratio=0.0, context_ratio=0.0,
-                                         selection="uniform", compile=compiled)
+                                         selection="uniform", compile=compiled, cuda_graphs=False)
         hetcache.enable(model, config, token_mask=box_coverage(setting.grid, fraction))
         for _ in range(3):
             forward(model, inputs)
@@ -439,7 +449,7 @@ def print_table(report: dict) -> None:
     check = report.get("graph_check")
     if check:
         print(f"CUDA graphs vs eager PARTIAL steps: {check['graphs_captured']} graph(s) captured, max abs diff "
-              f"{check['max_abs_diff']:.1e} over {check['steps']} steps")
+              f"{check['max_abs_diff']:.1e} over {check['steps']} steps (rows per step {check['rows']})")
     parts = (report.get("forward") or {}).get("selection_parts")
     if parts:
         print("selection pieces (ms): " + ", ".join(f"{k[:-2]} {1e3 * v:.2f}" for k, v in parts.items()))
@@ -460,11 +470,11 @@ def print_forward(forward_times: dict | None) -> None:
             overhead = forward_times["full_with_selection_s"] - forward_times["full_uniform_selection_s"]
             print(f"selection overhead: {1e3 * overhead:.1f} ms = {100 * overhead / full:.1f} % of a FULL forward, "
                   f"{50 * overhead / full:.1f} % of a FULL CFG step (selection is shared by both branches)")
-        print(f"{'PARTIAL':<44}{'r':>7}{'ms':>9}{'x FULL':>8}{'target':>8}")
+        print(f"{'PARTIAL':<44}{'r':>7}{'ms':>9}{'x FULL':>8}{'target':>8}{'graphs':>8}")
         for row in forward_times["partial"]:
             target = 1.1 * row["r"] * full + 2e-3
             print(f"{row['mask']:<44}{row['r']:7.3f}{1e3 * row['seconds']:9.1f}{row['seconds'] / full:8.3f}"
-                  f"{target / full:8.3f}")
+                  f"{target / full:8.3f}{'yes' if row.get('graphs_active') else 'no':>8}")
 
 
 # Engine modes: report key -> (suffix of the mode's loop names, label).

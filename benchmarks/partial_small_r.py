@@ -179,7 +179,7 @@ def engine_study(model, inputs, grid) -> dict:
         with model.cache_context("cond"):
             return model(timestep=timestep, return_dict=False, **inputs)[0]
 
-    sweep = dict(margin=0, margin_ratio=0.0, context_ratio=0.0, selection="uniform", compile=True)
+    sweep = dict(margin=0, margin_ratio=0.0, context_ratio=0.0, selection="uniform", compile=True, cuda_graphs=False)
     out = {}
     for name, plan, fraction in (("full", "F" * 40 + "P", 0.5), ("partial_r015", "F" + "P" * 40, 0.15)):
         hetcache.enable(model, hetcache.HetCacheConfig(plan=plan, **sweep), token_mask=box_coverage(grid, fraction))

@@ -37,7 +37,8 @@ def test_gpu_transformer_smoke_writes_every_field(tmp_path):
     assert report["big_block"]["kv_bytes_per_layer_per_branch"] > 0
     graphs = report["forward_graphs"]
     assert graphs["cuda_graphs"] and [row["mask"][:3] for row in graphs["partial"]] == ["box"] * 4 + ["dri"]
-    # No CUDA here: the graph mode runs eagerly with in-place buffers, bitwise the default mode.
+    assert not any(row["graphs_active"] for row in graphs["partial"])  # graphs are for GPUs only
+    # No CUDA here: the graph mode runs eagerly, bitwise the default mode.
     assert report["graph_check"]["graphs_captured"] == 0 and report["graph_check"]["max_abs_diff"] == 0.0
     # Every target of issue 5 is checked per mode: FULL, 4 box fractions + the driving mask, REUSE, loops.
     targets = report["targets"]

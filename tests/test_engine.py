@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tiny_models import box_mask, tiny_inputs, tiny_transformer, token_rows
 
 import hetcache
-from hetcache.engine import engine_of
+from hetcache.engine import HetCacheEngine, engine_of
 
 TOL = 1e-5
 GRID = (3, 4, 6)
@@ -223,10 +223,11 @@ def test_cache_dtype_shrinks_the_caches(model, dtype, bytes_per_value, tolerance
     assert (out - reference).norm() / reference.norm() < tolerance
 
 
-def test_cuda_graph_mode_keeps_buffers_in_place_and_outputs_unchanged(model):
-    """With cuda_graphs on, FULL steps write K/V and the residual into the buffers PARTIAL graphs read by address;
-    the outputs stay bitwise those of the default mode (on the CPU no graph is captured)."""
+def test_cuda_graph_mode_keeps_buffers_in_place_and_outputs_unchanged(model, monkeypatch):
+    """While graphs are active, FULL steps write K/V and the residual into the buffers PARTIAL graphs read by
+    address; the outputs stay bitwise those of the eager mode (on the CPU no graph is captured)."""
     steps = [(tiny_inputs(seed), t) for seed, t in enumerate((900.0, 800.0, 700.0, 600.0))]
+    monkeypatch.setattr(HetCacheEngine, "_use_graphs", lambda self, device: self.config.cuda_graphs)
 
     def run(graphs):
         hetcache.enable(model, cfg(plan="FPFP", cuda_graphs=graphs), mask=mask())
@@ -245,6 +246,36 @@ def test_cuda_graph_mode_keeps_buffers_in_place_and_outputs_unchanged(model):
     assert len(set(addresses)) == 1  # the second FULL step wrote into the first one's buffers
 
 
-def test_cuda_graphs_refuse_ema():
-    with pytest.raises(ValueError, match="ema_alpha"):
-        hetcache.HetCacheConfig(cuda_graphs=True, ema_alpha=0.5)
+def test_rows_handed_to_a_graph_drive_the_whole_call(model):
+    """`use_rows` (what a CUDA-graph capture calls) makes the rows, the EMA weights and the RoPE rows of the call
+    derive from the graph's buffer, so a replay with new rows in that buffer follows them."""
+    hetcache.enable(model, cfg(plan="FP", ema_alpha=0.5), mask=mask())
+    engine = engine_of(model)
+    call(model, tiny_inputs(0), 900.0)
+    engine.begin_call(tiny_inputs(1)["hidden_states"], torch.tensor([500.0]),
+                      tiny_inputs(1)["encoder_hidden_states"], engine._states["cond"], "cond")
+    rows, blend = engine.ctx.rows, engine.ctx.update.blend
+    assert engine.ctx.kind == "P" and blend is not None and 0 < int((blend > 0).sum()) < rows.numel()
+    buffer = rows.clone()
+    engine.use_rows(buffer)
+    assert engine.ctx.rows is buffer and engine.ctx.update.index is buffer
+    assert engine.ctx.update.blend is not blend and torch.equal(engine.ctx.update.blend, blend)
+    assert engine.ctx.rope is None and engine.rope_rows == {}
+    engine.end_call()
+
+
+def test_graphs_only_where_partial_steps_are_small(model):
+    """CUDA graphs are used on a GPU for videos whose PARTIAL steps compute at most MAX_ROW_SHARE of the tokens."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only compared, never allocated on
+
+    def decision(config, device, box=mask()):
+        hetcache.enable(model, config, mask=box)
+        engine = engine_of(model)
+        call(model, tiny_inputs(0), 900.0)
+        return engine._use_graphs(device)
+
+    small = cfg(plan="FP", margin=0, margin_ratio=0.0, context_ratio=0.0)  # 4 x 3 generative tokens of 72
+    assert decision(small, cuda) and not decision(small, cpu)
+    assert not decision(cfg(plan="FP", margin=0, margin_ratio=0.0, context_ratio=0.0, cuda_graphs=False), cuda)
+    assert not decision(cfg(plan="FF"), cuda)  # no PARTIAL step
+    assert not decision(cfg(plan="FP"), cuda, box_mask(GRID, slice(0, 3), slice(0, 4)))  # 36 of 72 tokens

@@ -28,7 +28,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from hetcache import flops, plan, select, tokens
 from hetcache.config import HetCacheConfig
-from hetcache.graphs import PartialGraphs
+from hetcache.graphs import MAX_ROW_SHARE, PartialGraphs
 from hetcache.sparse import LayerKV, RowRope, RowUpdate, blend_rows, block_rows, text_key_value, vace_block_rows
 
 HOOK_NAME = "hetcache"
@@ -163,6 +163,7 @@ class HetCacheEngine:
         self.text_len = 0
         self.ctx: StepContext | None = None
         self._video_started = False
+        self.graphs_active = False  # this video's PARTIAL steps replay CUDA graphs (and FULL steps write in place)
         if self.graphs is not None:
             self.graphs.clear()
 
@@ -229,7 +230,14 @@ class HetCacheEngine:
         self.gen_flags = labels == 0
         counts = self.partition.counts()
         self.stats = HetCacheStats(planned=self.plan, delta=delta, tokens=counts, notes=notes)
+        self.graphs_active = self._use_graphs(device)
         self._video_started = True
+
+    def _use_graphs(self, device: torch.device) -> bool:
+        """CUDA graphs for this video: asked for, on a GPU, and PARTIAL steps small enough to be host-bound."""
+        if self.graphs is None or device.type != "cuda" or "P" not in self.plan:
+            return False
+        return partial_row_count(self.partition, self.config) <= MAX_ROW_SHARE * self.partition.num_tokens
 
     # ------------------------------------------------------------------------------------------------ per call
     def _step_index(self, timestep: torch.Tensor, branch: BranchState) -> int:
@@ -277,10 +285,10 @@ class HetCacheEngine:
         if kind == "P":
             rows = self._partial_rows(index)
             if self.config.ema_alpha > 0:
-                blend = torch.where(self.gen_flags[rows], 0.0, self.config.ema_alpha).float()
+                blend = self._blend(rows)
         elif kind == "R":
             rows = torch.empty(0, dtype=torch.long, device=hidden_states.device)
-        update = RowUpdate(rows, blend, self.config.cache_dtype, in_place=self.graphs is not None)
+        update = RowUpdate(rows, blend, self.config.cache_dtype, in_place=self.graphs_active)
         first_branch = branch_name == self._first_branch_name
         partial_plan = "P" in self.plan
         select_now = kind == "F" and partial_plan and self.selection_step != index
@@ -289,6 +297,10 @@ class HetCacheEngine:
         branch.calls += 1
         branch.letters += kind
         self.stats.branches[branch_name] = branch.letters
+
+    def _blend(self, rows: torch.Tensor) -> torch.Tensor:
+        """EMA weight of the old value per row: 0 for generative rows (always replaced), alpha elsewhere."""
+        return torch.where(self.gen_flags[rows], 0.0, self.config.ema_alpha).float()
 
     def _partial_rows(self, index: int) -> torch.Tensor:
         if index not in self.step_rows:
@@ -312,9 +324,13 @@ class HetCacheEngine:
             self.stats.rows.append(computed)
 
     def use_rows(self, rows: torch.Tensor) -> None:
-        """Read this call's rows from `rows` (a CUDA graph's own buffer): the gather, the RoPE rows, the assembly."""
-        self.ctx.rows = self.ctx.update.index = rows
-        self.ctx.rope = None
+        """Read this call's rows from `rows` (a CUDA graph's own buffer): the gather, the RoPE rows, the EMA
+        weights and the assembly all derive from it inside the call, so a replay follows new rows."""
+        ctx = self.ctx
+        ctx.rows = ctx.update.index = rows
+        if ctx.update.blend is not None:
+            ctx.update.blend = self._blend(rows)
+        ctx.rope = None
         self.rope_rows = {}
 
     def end_call(self) -> None:
@@ -558,7 +574,7 @@ class TransformerHook(ModelHook):
         self.engine.begin_call(hidden_states, timestep, text, branch, name)
         try:
             ctx = self.engine.ctx
-            if ctx.kind == "P" and self.engine.graphs is not None and hidden_states.is_cuda:
+            if ctx.kind == "P" and self.engine.graphs_active and hidden_states.is_cuda:
                 return self.engine.graphs.run(name, ctx.rows, args, kwargs, self.fn_ref.original_forward,
                                               self.engine.use_rows)
             if ctx.kind != "R":
