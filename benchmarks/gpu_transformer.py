@@ -232,17 +232,25 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile:
     return out
 
 
-def graph_check(model, inputs, setting: Setting, steps: int = 6) -> dict:
+GRAPH_CHECK_PLAN = "FPPFPRPP"
+
+
+def graph_check(model, inputs, setting: Setting) -> dict:
     """PARTIAL steps replayed from CUDA graphs give the outputs of the same steps run eagerly (bitwise on the GPU:
-    the same kernels on the same inputs); new latents and timesteps at every step, and rows that change from step
-    to step (the margin share rotates). A 0.1 box with a 2-token margin: PARTIAL steps of about 0.2 of the tokens."""
-    def run(graphs: bool) -> tuple[list[torch.Tensor], int]:
-        config = hetcache.HetCacheConfig(plan="F" + "P" * (steps - 1), margin=2, cuda_graphs=graphs)
+    the same kernels on the same inputs). Both CFG branches, EMA blending, a FULL step (with a new context
+    selection, written in place) and a REUSE step between replays; new latents and timesteps at every step.
+    A 0.1 box with a 2-token margin: PARTIAL steps of about 0.2 of the tokens."""
+    uncond = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].flip(1))
+
+    def run(graphs: bool) -> tuple[list[torch.Tensor], int, list[int]]:
+        config = hetcache.HetCacheConfig(plan=GRAPH_CHECK_PLAN, margin=2, ema_alpha=0.3, cuda_graphs=graphs)
         hetcache.enable(model, config, token_mask=box_coverage(setting.grid, 0.1))
         outputs = []
-        for step in range(steps):
-            step_inputs = dict(inputs, hidden_states=make_inputs(setting, seed=100 + step)["hidden_states"])
-            outputs.append(forward(model, step_inputs, 900.0 - 100.0 * step))
+        for step in range(len(GRAPH_CHECK_PLAN)):
+            latents = make_inputs(setting, seed=100 + step)["hidden_states"]
+            t = 900.0 - 100.0 * step
+            outputs.append(forward(model, dict(inputs, hidden_states=latents), t, "cond"))
+            outputs.append(forward(model, dict(uncond, hidden_states=latents), t, "uncond"))
         captured = len(engine_of(model).graphs or ())
         rows = hetcache.stats(model).rows
         hetcache.disable(model)
@@ -250,7 +258,7 @@ def graph_check(model, inputs, setting: Setting, steps: int = 6) -> dict:
 
     eager, _, _ = run(False)
     replayed, captured, rows = run(True)
-    return {"steps": steps, "graphs_captured": captured, "rows": rows,
+    return {"plan": GRAPH_CHECK_PLAN, "steps": len(GRAPH_CHECK_PLAN), "graphs_captured": captured, "rows": rows,
             "max_abs_diff": max(float((a.float() - b.float()).abs().max()) for a, b in zip(eager, replayed))}
 
 
@@ -448,8 +456,8 @@ def print_table(report: dict) -> None:
         print_forward(report.get(key))
     check = report.get("graph_check")
     if check:
-        print(f"CUDA graphs vs eager PARTIAL steps: {check['graphs_captured']} graph(s) captured, max abs diff "
-              f"{check['max_abs_diff']:.1e} over {check['steps']} steps (rows per step {check['rows']})")
+        print(f"CUDA graphs vs eager, plan {check['plan']}, both CFG branches, EMA: {check['graphs_captured']} "
+              f"graph(s) captured, max abs diff {check['max_abs_diff']:.1e} (rows per step {check['rows']})")
     parts = (report.get("forward") or {}).get("selection_parts")
     if parts:
         print("selection pieces (ms): " + ", ".join(f"{k[:-2]} {1e3 * v:.2f}" for k, v in parts.items()))

@@ -39,7 +39,8 @@ def test_gpu_transformer_smoke_writes_every_field(tmp_path):
     assert graphs["cuda_graphs"] and [row["mask"][:3] for row in graphs["partial"]] == ["box"] * 4 + ["dri"]
     assert not any(row["graphs_active"] for row in graphs["partial"])  # graphs are for GPUs only
     # No CUDA here: the graph mode runs eagerly, bitwise the default mode.
-    assert report["graph_check"]["graphs_captured"] == 0 and report["graph_check"]["max_abs_diff"] == 0.0
+    check = report["graph_check"]
+    assert check["graphs_captured"] == 0 and check["max_abs_diff"] == 0.0 and len(check["rows"]) == check["steps"] == 8
     # Every target of issue 5 is checked per mode: FULL, 4 box fractions + the driving mask, REUSE, loops.
     targets = report["targets"]
     assert set(targets) == {"forward", "forward_graphs"}

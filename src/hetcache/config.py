@@ -43,9 +43,10 @@ class HetCacheConfig:
       compiling fuses the elementwise work and removes most of that overhead. The first call compiles.
     - `cuda_graphs`: replay PARTIAL forwards on CUDA as graphs (`hetcache.graphs`): no host launch overhead, which
       is what bounds PARTIAL steps at small r. Used for videos whose PARTIAL steps compute at most 30 % of the
-      tokens; captured once per CFG branch and row count at the second PARTIAL step; each graph keeps its own
-      memory for the step's activations; FULL steps then write K/V in place. The output is bitwise that of
-      eager execution. No effect on the CPU.
+      tokens, on the current CUDA device, without offloading hooks; captured once per CFG branch and row count
+      at the second PARTIAL step; each graph keeps its own memory for the step's activations; FULL steps then
+      write K/V in place. The output is that of eager execution (the same kernels on the same inputs). No
+      effect on the CPU.
     """
 
     delta: float | None = None

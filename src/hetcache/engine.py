@@ -234,9 +234,17 @@ class HetCacheEngine:
         self._video_started = True
 
     def _use_graphs(self, device: torch.device) -> bool:
-        """CUDA graphs for this video: asked for, on a GPU, and PARTIAL steps small enough to be host-bound."""
-        if self.graphs is None or device.type != "cuda" or "P" not in self.plan:
+        """CUDA graphs for this video: asked for and never failed, PARTIAL steps small enough to be host-bound, on
+        the current CUDA device (capture records that device's streams only), no offloading hooks (they move
+        weights during the forward)."""
+        if self.graphs is None or self.graphs.failure is not None or "P" not in self.plan:
             return False
+        if device.type != "cuda" or (device.index is not None and device.index != torch.cuda.current_device()):
+            return False
+        for module in self.transformer.modules():
+            registry = getattr(module, "_diffusers_hook", None)  # diffusers' group offloading hooks
+            if hasattr(module, "_hf_hook") or (registry is not None and any("offload" in n for n in registry.hooks)):
+                return False
         return partial_row_count(self.partition, self.config) <= MAX_ROW_SHARE * self.partition.num_tokens
 
     # ------------------------------------------------------------------------------------------------ per call
@@ -324,8 +332,9 @@ class HetCacheEngine:
             self.stats.rows.append(computed)
 
     def use_rows(self, rows: torch.Tensor) -> None:
-        """Read this call's rows from `rows` (a CUDA graph's own buffer): the gather, the RoPE rows, the EMA
-        weights and the assembly all derive from it inside the call, so a replay follows new rows."""
+        """Read this call's rows from `rows` (a CUDA graph's own buffer). Called inside the capture, so the EMA
+        weights computed here and the gather, RoPE rows and assembly computed later all derive from the buffer on
+        every replay."""
         ctx = self.ctx
         ctx.rows = ctx.update.index = rows
         if ctx.update.blend is not None:
@@ -334,11 +343,10 @@ class HetCacheEngine:
         self.rope_rows = {}
 
     def end_call(self) -> None:
-        if self.graphs is not None:
-            for failure in self.graphs.failures:
-                note = f"CUDA graph capture failed, PARTIAL steps run eagerly: {failure}"
-                if note not in self.stats.notes:
-                    self.stats.notes.append(note)
+        if self.graphs is not None and self.graphs.failure is not None:
+            note = f"CUDA graphs off, PARTIAL steps run eagerly: a capture failed with {self.graphs.failure}"
+            if note not in self.stats.notes:
+                self.stats.notes.append(note)
         ctx, self.ctx = self.ctx, None
         if ctx is not None:
             total = sum(state.nbytes() for state in self._branch_states())
@@ -367,16 +375,16 @@ class HetCacheEngine:
             cache[(kind, layer)] = text_key_value(attn, text)
         return cache[(kind, layer)]
 
-    def _layer_kv(self, layers: dict[int, LayerKV], layer: int, rows: torch.Tensor) -> LayerKV:
+    def _layer_kv(self, layers: dict[int, LayerKV], layer: int, hidden: torch.Tensor) -> LayerKV:
         """The layer's K/V buffers. In place mode (CUDA graphs) they are allocated here, once, so the block maths
         always writes into existing tensors (and compiled code sees one kind of argument)."""
         kv = layers.setdefault(layer, LayerKV())
         if self.ctx.update.in_place:
             heads = self.shape.heads
-            shape = (rows.shape[0], self.partition.num_tokens, heads, self.shape.dim // heads)
-            dtype = self.config.cache_dtype or rows.dtype
+            shape = (hidden.shape[0], self.partition.num_tokens, heads, self.shape.dim // heads)
+            dtype = self.config.cache_dtype or hidden.dtype
             if kv.key is None or kv.key.shape != shape or kv.key.dtype != dtype:
-                kv.key = torch.empty(shape, dtype=dtype, device=rows.device)
+                kv.key = torch.empty(shape, dtype=dtype, device=hidden.device)
                 kv.value = torch.empty_like(kv.key)
         return kv
 
@@ -574,7 +582,7 @@ class TransformerHook(ModelHook):
         self.engine.begin_call(hidden_states, timestep, text, branch, name)
         try:
             ctx = self.engine.ctx
-            if ctx.kind == "P" and self.engine.graphs_active and hidden_states.is_cuda:
+            if ctx.kind == "P" and self.engine.graphs_active:
                 return self.engine.graphs.run(name, ctx.rows, args, kwargs, self.fn_ref.original_forward,
                                               self.engine.use_rows)
             if ctx.kind != "R":

@@ -6,14 +6,17 @@ host launching them sets the pace: on the H100 a compiled r = 0.15 step keeps th
 
 A graph reads and writes memory at the addresses it was captured with, so everything a PARTIAL forward touches
 must stay where it is between steps:
-- the call's tensor arguments and the step's rows: copied into the graph's own buffers before each replay;
+- the call's tensor arguments and the step's rows: copied into the graph's own buffers before each replay; what
+  the engine derives from the rows (the gather, RoPE rows, EMA weights) is computed inside the graph;
 - the K/V buffers and the residual: FULL steps write into them in place while graphs are on (`RowUpdate.in_place`);
-- the text K/V and the RoPE tables: made once per video.
+- the text K/V (per branch and text) and the RoPE tables (per video).
 The engine drops its graphs whenever any of those is made anew (a new video, new text).
 
-Graphs are used only where PARTIAL steps are small enough to be host-bound (MAX_ROW_SHARE).
-The first PARTIAL call of a key runs eagerly (it loads kernels, compiled code and attention plans, which capture
-cannot); the second is captured and replayed; later ones replay.
+Graphs are used only where PARTIAL steps are small enough to be host-bound (MAX_ROW_SHARE), on the current CUDA
+device, and not under offloading hooks that move weights during the forward. The first PARTIAL call of a key runs
+eagerly (it loads kernels, compiled code and attention plans, which capture cannot); the second is captured and
+replayed; later ones replay. If a capture fails, graphs stay off for the engine's lifetime: a failed capture can
+leave PyTorch's allocator unusable for another one.
 """
 
 from __future__ import annotations
@@ -40,19 +43,17 @@ class CapturedForward:
 
 
 class PartialGraphs:
-    """The captured PARTIAL forwards of one video."""
+    """The captured PARTIAL forwards of one video, and whether capturing has failed for good."""
 
     def __init__(self) -> None:
         self._captured: dict[tuple, CapturedForward] = {}
         self._warm: set[tuple] = set()
-        self.failures: list[str] = []  # why a key fell back to eager (capture raised)
-        self._eager: set[tuple] = set()
+        self.failure: str | None = None  # why a capture failed; graphs stay off once it is set
 
     def clear(self) -> None:
-        """Forget every graph (and its memory pool): what they read by address is being replaced."""
+        """Forget every graph: what they read by address is being replaced."""
         self._captured.clear()
         self._warm.clear()
-        self._eager.clear()
 
     def __len__(self) -> int:
         return len(self._captured)
@@ -68,13 +69,13 @@ class PartialGraphs:
     ) -> Any:
         """forward(*args, **kwargs) for a PARTIAL step computing `rows`, replayed from a graph where one exists.
 
-        `use_rows(buffer)` makes the engine read the step's rows from `buffer` for the rest of this call.
+        `use_rows(buffer)` makes the engine derive everything row-dependent of this call from `buffer`.
         """
         flat, spec = pytree.tree_flatten((args, kwargs))
         key = (branch, int(rows.numel()), str(spec), *(_signature(value) for value in flat))
         captured = self._captured.get(key)
         if captured is None:
-            if key in self._eager or key not in self._warm:
+            if self.failure is not None or key not in self._warm:
                 self._warm.add(key)
                 return forward(*args, **kwargs)
             captured = self._capture(key, flat, spec, rows, forward, use_rows)
@@ -93,16 +94,20 @@ class PartialGraphs:
                  forward: Callable[..., Any], use_rows: Callable[[torch.Tensor], None]) -> CapturedForward | None:
         inputs = [value.clone() if isinstance(value, torch.Tensor) else value for value in flat]
         static_rows = rows.clone()
-        use_rows(static_rows)
         args, kwargs = pytree.tree_unflatten(inputs, spec)
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device=rows.device)
         try:
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph):
-                output = forward(*args, **kwargs)
-        except Exception as error:  # an op that cannot be captured: this key stays eager
-            self._eager.add(key)
-            self.failures.append(f"{type(error).__name__}: {error}"[:200])
+            with torch.cuda.stream(stream):  # the caller's stream comes back however the capture ends
+                with torch.cuda.graph(graph, stream=stream):
+                    use_rows(static_rows)  # inside: what derives from the rows is recomputed at each replay
+                    output = forward(*args, **kwargs)
+        except Exception as error:
+            self.failure = f"{type(error).__name__}: {error}"
+            if error.__context__ is not None:  # capture_end's own error hides the one that spoilt the capture
+                self.failure += f" (after {type(error.__context__).__name__}: {error.__context__})"
+            self.failure = self.failure[:400]
+            self.clear()
             use_rows(rows)
             return None
         captured = CapturedForward(graph, inputs, static_rows, output)

@@ -199,7 +199,8 @@ def random_masks(
     half_w = (area * aspect).sqrt() * scale
     half_h = (area / aspect).sqrt() * scale
     centre = _tracks(batch, frames, generator, device, speed=0.05, moving_share=0.5)
-    centre = centre.clamp(-1.0 + half_w.view(batch, 1, 1).clamp(max=0.9), 1.0 - half_w.view(batch, 1, 1).clamp(max=0.9))
+    reach = torch.stack([half_w, half_h], -1).view(batch, 1, 2).clamp(max=0.9)  # (x, y) half-extents
+    centre = centre.clamp(-1.0 + reach, 1.0 - reach)
     u = (x - centre[..., 0].view(batch, frames, 1, 1)) / half_w
     v = (y - centre[..., 1].view(batch, frames, 1, 1)) / half_h
     return (_shape_distance(u, v, shapes) < 1.0).unsqueeze(1)
