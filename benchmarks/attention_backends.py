@@ -70,13 +70,18 @@ def time_backend(backend: str, rows: int, repeats: int) -> float:
             raise AssertionError(f"split-KV differs from flash attention by {error}")
     else:
         run = lambda: dispatch_attention_fn(q, k, v, backend=backend)  # noqa: E731
-    for _ in range(3):
-        run()
+    return cuda_ms(run, repeats)
+
+
+def cuda_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of fn() by CUDA events."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        run()
+        fn()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))

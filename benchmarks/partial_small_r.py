@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,27 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import hetcache  # noqa: E402
+from attention_backends import cuda_ms as cuda_time  # noqa: E402
 from attention_backends import cudnn_chunks, split_kv_attention  # noqa: E402
 from gpu_transformer import box_coverage, build_model, make_inputs, real_setting  # noqa: E402
 from hetcache.engine import engine_of  # noqa: E402
 
 TOKENS, HEADS, HEAD_DIM = 14_040, 12, 128
 R015_ROWS = 2_106  # rows of the r = 0.15 box at 9 x 30 x 52 tokens (gpu4.json)
-
-
-def cuda_time(fn, repeats: int = 10, warmup: int = 3) -> float:
-    """Median milliseconds of fn() by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
