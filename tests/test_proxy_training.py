@@ -15,7 +15,7 @@ from hetcache.proxy.export import export_proxy
 from hetcache.proxy.quality import held_out_clips, median_fill, to_uint8
 from hetcache.proxy.scenes import (FILL_VALUE, MASK_AREA, _render_backgrounds, generate_scenes, random_masks,
                                    removal_scene)
-from hetcache.proxy.train import WARMUP_STEPS, TrainConfig, learning_rate, train
+from hetcache.proxy.train import WARMUP_STEPS, TrainConfig, learning_rate, noise_levels, train
 
 
 def scenes(seed: int, batch: int = 16, frames: int = 9, size: int = 64):
@@ -96,6 +96,32 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert learning_rate(WARMUP_STEPS, 1000, 1.0) == pytest.approx(1.0)
     assert learning_rate(1000, 1000, 1.0) == pytest.approx(0.1)
     assert learning_rate(50, None, 1.0) == pytest.approx(51 / WARMUP_STEPS)
+
+
+def test_noise_levels_follow_the_samplers_shift():
+    plain = noise_levels(4096, 1.0, torch.Generator().manual_seed(0), torch.device("cpu"))
+    shifted = noise_levels(4096, 3.0, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(plain, torch.sigmoid(torch.randn(4096, generator=torch.Generator().manual_seed(0))))
+    # The same draws, moved up by the schedule's shift: 0.5 -> 0.75, order kept, still inside (0, 1).
+    assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain))
+    assert (shifted > plain).all() and shifted.max() < 1 and shifted.min() > 0
+    assert 0.7 < shifted.median() < 0.8 and 0.45 < plain.median() < 0.55
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_training_goes_on_uncompiled_when_compiling_fails(tmp_path, monkeypatch):
+    def failing_compile(module):
+        def broken(**kwargs):
+            raise RuntimeError("no compiler here")
+        return broken
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    config = TrainConfig(frames=5, height=32, width=32, vae_steps=0, dit_steps=2, dit_batch=2, pool=2, refresh=1,
+                         refresh_every=1, stats_clips=2, eval_clips=0, log_every=1, compile=True, sigma_shift=3.0)
+    log = train(config, tmp_path / "run", torch.device("cpu"))
+    assert log["transformer"]["steps"] == 2
+    assert log["transformer"]["extra"]["compiled"] is False
+    assert "no compiler here" in log["transformer"]["extra"]["compile_error"]
 
 
 @pytest.mark.usefixtures("one_thread")
