@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from hetcache.proxy.export import export_proxy
 from hetcache.proxy.quality import held_out_clips, median_fill, to_uint8
 from hetcache.proxy.scenes import (FILL_VALUE, MASK_AREA, _render_backgrounds, generate_scenes, random_masks,
                                    removal_scene)
-from hetcache.proxy.train import WARMUP_STEPS, TrainConfig, learning_rate, noise_levels, train
+from hetcache.proxy.train import PROBE_STEPS, WARMUP_STEPS, TrainConfig, learning_rate, noise_levels, run_stage, train
 
 
 def scenes(seed: int, batch: int = 16, frames: int = 9, size: int = 64):
@@ -96,6 +97,15 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert learning_rate(WARMUP_STEPS, 1000, 1.0) == pytest.approx(1.0)
     assert learning_rate(1000, 1000, 1.0) == pytest.approx(0.1)
     assert learning_rate(50, None, 1.0) == pytest.approx(51 / WARMUP_STEPS)
+
+
+def test_a_timed_stage_stops_at_its_deadline_before_the_probe_ends():
+    def slow_step(step, lr):
+        time.sleep(0.01)
+        return torch.tensor(1.0)
+
+    log = run_stage("slow", slow_step, None, 0.05, 1.0, torch.device("cpu"), log_every=1000)
+    assert 0 < log.steps < PROBE_STEPS[1] and log.planned_steps == log.steps
 
 
 def test_noise_levels_follow_the_samplers_shift():
