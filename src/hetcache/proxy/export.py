@@ -30,8 +30,9 @@ def export_proxy(trained: Path, out: Path) -> None:
     seed = json.loads((trained / "train_log.json").read_text())["config"]["seed"]
     pipe = build_proxy_pipeline(seed)
     load_trained(pipe, trained)
-    pipe.vae.to(torch.float16)
-    pipe.transformer.to(torch.float16)
+    for model in (pipe.vae, pipe.transformer):
+        model.to(torch.float16)
+        model.register_to_config(_name_or_path="proxy")  # not the training machine's path
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as staging:
         pipe.save_pretrained(staging)
