@@ -2,7 +2,7 @@
 
     python -m hetcache.proxy.train --out trained/ [--init EARLIER_RUN] [--vae-seconds 150 --dit-seconds 330]
 
-The shipped model took four such runs, each started from the last (`--init` warm-starts from the saved float16
+The shipped model took eight such runs, each started from the last (`--init` warm-starts from the saved float16
 weights; optimiser, EMA and learning-rate warm-up start afresh): docs/PROXY.md lists the exact commands.
 
 Each stage runs for a wall-clock budget: after a short probe the step count is fixed from the measured step time
