@@ -45,7 +45,7 @@ def plot_losses(logs: list[dict], path: Path) -> None:
         axis.set(title=title, xlabel="step", ylabel="loss", yscale="log")
         axis.grid(alpha=0.3)
     devices = sorted({log["device"] for log in logs})
-    figure.suptitle(f"proxy training on {', '.join(devices)} (seed {logs[0]['config']['seed']})")
+    figure.suptitle(f"proxy training on {', '.join(devices)} (model seed {logs[0]['config']['seed']})")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
