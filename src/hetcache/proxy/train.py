@@ -392,6 +392,11 @@ def train(config: TrainConfig, out: Path, device: torch.device, init: Path | Non
     return log
 
 
+def _flag(text: str) -> bool:
+    """A boolean option is given as 0 or 1 (`--compile 1`), like every other option a value."""
+    return bool(int(text))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -399,10 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", type=Path, default=None, help="start from this earlier output folder")
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
-        kind = float if isinstance(value, float) else int  # booleans as 0 / 1
+        kind = _flag if isinstance(value, bool) else float if isinstance(value, float) else int
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     args = vars(parser.parse_args(argv))
-    args = {name: bool(value) if isinstance(getattr(defaults, name, None), bool) else value for name, value in args.items()}
     out, device, init = args.pop("out"), torch.device(args.pop("device")), args.pop("init")
     log = train(TrainConfig(**args), out, device, init)
     print(f"VAE round trip on held-out clips: {log['vae_psnr']:.2f} dB PSNR")
