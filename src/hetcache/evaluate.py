@@ -22,7 +22,6 @@ import math
 import os
 import re
 import sys
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import hetcache
-from hetcache import bench
+from hetcache import bench, files
 from hetcache import video as vio
 from hetcache.errors import UserError
 from hetcache.methods import inference_steps, unavailable_reason
@@ -339,17 +338,6 @@ def _item_dir(out: Path, item_id: str) -> Path:
     return out / ITEMS_DIR / safe
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def completed_record(folder: Path, key: dict[str, Any], names: Sequence[str]) -> dict[str, Any] | None:
     """The item's stored result when it was made with the same settings and covers every method in `names`
     (a method that failed does not count: it runs again); None otherwise."""
@@ -436,8 +424,8 @@ def evaluate_item(pipe: Any, item: Item, loaded: LoadedItem, ctx: _Context, fold
     if ctx.i3d is not None:
         buffer = io.BytesIO()
         np.savez(buffer, **features)
-        _atomic_write(folder / FEATURES_FILE, buffer.getvalue())
-    _atomic_write(folder / ITEM_FILE, (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
+        files.write_bytes(folder / FEATURES_FILE, buffer.getvalue())
+    files.write_bytes(folder / ITEM_FILE, (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
     return record
 
 
@@ -555,17 +543,17 @@ def write_tables(out: Path, settings: dict[str, Any], records: Sequence[dict[str
     per_item = {"schema": SCHEMA, "settings": settings, "items": items, "failed": failed, "notes": dataset_notes}
     summary = {"schema": SCHEMA, "settings": settings, "rows": rows, "failed": failed,
                "notes": dataset_notes + vfid_notes}
-    _atomic_write(out / "per_item.json", (json.dumps(per_item, indent=2, allow_nan=False) + "\n").encode())
-    _atomic_write(out / "aggregate.json", (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
-    _atomic_write(out / "per_item.csv", _csv(item_rows, ITEM_COLUMNS).encode())
-    _atomic_write(out / "aggregate.csv", _csv(rows, AGGREGATE_COLUMNS).encode())
+    files.write_bytes(out / "per_item.json", (json.dumps(per_item, indent=2, allow_nan=False) + "\n").encode())
+    files.write_bytes(out / "aggregate.json", (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+    files.write_bytes(out / "per_item.csv", _csv(item_rows, ITEM_COLUMNS).encode())
+    files.write_bytes(out / "aggregate.csv", _csv(rows, AGGREGATE_COLUMNS).encode())
     tail = ([""] + ["Failed items:", ""] + [f"- `{f['item']}`: {f['reason']}" for f in failed] if failed else [])
     tail += ["", "Notes:", ""] + [f"- {n}" for n in summary["notes"]] if summary["notes"] else []
     item_md = _header(settings, "per item") + _markdown_table(item_rows, _ITEM_MD) + tail
     aggregate_md = (_header(settings, "aggregate") + _markdown_table(rows, _AGGREGATE_MD)
                     + ["", "Means over items; VFID over the clips of all items of the group."] + tail)
-    _atomic_write(out / "per_item.md", ("\n".join(item_md) + "\n").encode())
-    _atomic_write(out / "aggregate.md", ("\n".join(aggregate_md) + "\n").encode())
+    files.write_bytes(out / "per_item.md", ("\n".join(item_md) + "\n").encode())
+    files.write_bytes(out / "aggregate.md", ("\n".join(aggregate_md) + "\n").encode())
     return summary
 
 

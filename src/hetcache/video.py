@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -19,6 +18,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
+from hetcache import files
 from hetcache.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -434,9 +434,7 @@ def write_video(
     if not lossless and (height % 2 or width % 2):
         raise ValueError(f"yuv420p needs an even size, got {width}x{height}: crop or pass lossless=True")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
+    with files.atomic_path(path) as temp:
         with av.open(str(temp), "w", format="mp4") as container:
             stream = container.add_stream(
                 "libx264rgb" if lossless else "libx264", rate=Fraction(float(fps)).limit_denominator(100_000)
@@ -448,10 +446,6 @@ def write_video(
             for frame in frames:
                 container.mux(stream.encode(_video_frame(frame)))
             container.mux(stream.encode(None))
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
     return path
 
 
