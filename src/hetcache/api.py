@@ -17,6 +17,7 @@ from hetcache import engine as _engine
 from hetcache import tokens
 from hetcache.config import HetCacheConfig
 from hetcache.engine import HetCacheEngine, HetCacheStats
+from hetcache.pipeline import preview_timesteps
 
 _MASK_WRAPPER_FLAG = "_hetcache_mask_wrapper"
 
@@ -142,13 +143,7 @@ def _timesteps(pipeline: Any, engine: HetCacheEngine | None, num_steps: int) -> 
         if len(engine.timesteps) != num_steps:
             raise ValueError(f"the transformer was enabled with {len(engine.timesteps)} timesteps, not {num_steps}")
         return engine.timesteps
-    if scheduler is None:
-        from diffusers import UniPCMultistepScheduler
-
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    preview = type(scheduler).from_config(scheduler.config)
-    preview.set_timesteps(num_steps)
-    return preview.timesteps
+    return preview_timesteps(scheduler, num_steps)
 
 
 def _partition_for_plan(transformer: torch.nn.Module, config: HetCacheConfig, mask: torch.Tensor | None,
@@ -161,9 +156,7 @@ def _partition_for_plan(transformer: torch.nn.Module, config: HetCacheConfig, ma
         mask = user_mask
     if mask is None:
         raise ValueError("a budget plan needs the token counts: pass mask= (pixel mask [F, H, W])")
-    _, p_h, p_w = transformer.config.patch_size
-    frames, height, width = mask.shape
-    grid = ((frames - 1) // 4 + 1, height // (8 * p_h), width // (8 * p_w))
+    grid = tokens.latent_grid(tuple(mask.shape), tuple(transformer.config.patch_size))
     return tokens.partition_from_pixel_mask(mask, grid, **options)
 
 

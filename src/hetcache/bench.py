@@ -44,6 +44,8 @@ from hetcache.pipeline import (
     TINY_RANDOM,
     check_prompt,
     default_flow_shift,
+    flow_scheduler,
+    preview_timesteps,
     is_hub_id,
     load_pipeline,
     resolve_device,
@@ -347,17 +349,6 @@ def _write_side_by_side(path: Path, video: np.ndarray, mask: np.ndarray, outputs
 
 
 # ------------------------------------------------------------------------------------------------ plans
-def _preview_timesteps(target: Any, steps: int) -> list[float]:
-    scheduler = getattr(target, "scheduler", None)
-    if scheduler is None:
-        from diffusers import UniPCMultistepScheduler
-
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    preview = type(scheduler).from_config(scheduler.config)
-    preview.set_timesteps(steps)
-    return [float(t) for t in preview.timesteps]
-
-
 def plan_table(
     target: Any,
     steps: int,
@@ -373,9 +364,7 @@ def plan_table(
     before they run: their `plan` and `flops_ratio` are None."""
     transformer = getattr(target, "transformer", target)
     shape = flops.ModelShape.from_config(transformer.config)
-    _, p_h, p_w = transformer.config.patch_size
-    frames, height, width = mask.shape
-    grid = ((frames - 1) // 4 + 1, height // (8 * p_h), width // (8 * p_w))
+    grid = tokens.latent_grid(tuple(mask.shape), tuple(transformer.config.patch_size))
     n = grid[0] * grid[1] * grid[2]
     dense = flops.forward_flops(shape, n, n, text_len, text_kv=False)
     rows = []
@@ -395,7 +384,8 @@ def plan_table(
             row["plan"] = "F" * row["steps"]
             row["flops_ratio"] = row["steps"] / steps
         elif isinstance(config, PABConfig):
-            row["plan"], row["flops_ratio"] = _pab_plan(config, _preview_timesteps(target, steps), shape, n, text_len)
+            row["plan"], row["flops_ratio"] = _pab_plan(config, preview_timesteps(getattr(target, "scheduler", None), steps).tolist(), shape, n,
+                                                       text_len)
         else:
             row["note"] = "content-adaptive: decided while denoising"
         rows.append(row)
@@ -514,7 +504,7 @@ def _plan_mask(mask: Path | str | None, frames: int | None, height: int | None,
 def _plan_target(model: str, height: int, width: int) -> Any:
     """A WanVACEPipeline for planning: the transformer and the scheduler (and the tokenizer, which sets the text
     length). Hub ids and folders load only the transformer; the small built-in models load whole."""
-    from diffusers import UniPCMultistepScheduler, WanVACEPipeline, WanVACETransformer3DModel
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
 
     if model in (TINY_RANDOM, PROXY):
         pipe = load_pipeline(model, "cpu", "fp32", height=height, width=width)
@@ -534,9 +524,7 @@ def _plan_target(model: str, height: int, width: int) -> Any:
                 f"could not load the transformer of {model!r}: {first}: pass a local pipeline folder"
             ) from None
         tokenizer = None
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=default_flow_shift(height, width)
-    )
+    scheduler = flow_scheduler(default_flow_shift(height, width))
     return WanVACEPipeline(
         tokenizer=tokenizer, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer
     )

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-SELECTION_STRATEGIES = ("kmeans_attention", "kmeans", "attention", "uniform", "random")
+from hetcache.select import SELECTION_STRATEGIES
+
 
 # Budgets (fractions of dense FLOPs) of the two presets: the FLOPs ratios reported for HetCache-slow and
 # HetCache-fast in the HetCache paper (arXiv 2603.24260). Solving the plan from a budget keeps their cost

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from huggingface_hub import constants as hub_constants
@@ -30,7 +30,7 @@ from hetcache.errors import UserError
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import WanVACEPipeline
+    from diffusers import UniPCMultistepScheduler, WanVACEPipeline
     from transformers import T5Tokenizer
 
 TINY_RANDOM = "tiny-random"
@@ -106,7 +106,7 @@ def build_tiny_random_pipeline(
     real model's, so 480x832 at 81 frames still fits.
     """
     import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanVACEPipeline, WanVACETransformer3DModel
+    from diffusers import AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -131,15 +131,31 @@ def build_tiny_random_pipeline(
             vace_layers=list(vace_layers),
             vace_in_channels=96,
         )
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
-    )
+    scheduler = flow_scheduler(3.0)
     pipe = WanVACEPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
     )
     for module in (text_encoder, vae, transformer):
         module.eval()
     return pipe
+
+
+def flow_scheduler(flow_shift: float) -> UniPCMultistepScheduler:
+    """The scheduler of the Wan2.1 recipe: UniPC over flow-matching sigmas with `flow_shift`."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=flow_shift
+    )
+
+
+def preview_timesteps(scheduler: Any, steps: int) -> torch.Tensor:
+    """The timesteps `scheduler` (None: `flow_scheduler(3.0)`) runs for `steps` steps, from a copy of it, so a
+    plan can be previewed without touching the pipeline's own scheduler."""
+    source = scheduler if scheduler is not None else flow_scheduler(3.0)
+    preview = type(source).from_config(source.config)
+    preview.set_timesteps(steps)
+    return preview.timesteps
 
 
 def default_flow_shift(height: int, width: int) -> float:

@@ -24,6 +24,17 @@ GENERATIVE, MARGIN, CONTEXT = 0, 1, 2
 """Label values of `TokenPartition.labels`."""
 
 
+def latent_grid(pixel_shape: tuple[int, int, int], patch_size: tuple[int, int, int] = (1, 2, 2)) -> tuple[int, int, int]:
+    """The token grid (T', H', W') the transformer sees for a pixel video or mask of shape (F, H, W).
+
+    The Wan VAE keeps pixel frame 0 as latent frame 0 and folds every further FRAMES_PER_LATENT frames into one,
+    and shrinks space by 8; the transformer then patches the latents by `patch_size`.
+    """
+    frames, height, width = pixel_shape
+    p_t, p_h, p_w = patch_size
+    return ((frames - 1) // FRAMES_PER_LATENT + 1) // p_t, height // (8 * p_h), width // (8 * p_w)
+
+
 class MaskShapeError(UserError, ValueError):
     """A mask whose size or length cannot be fitted to the token grid (a `UserError` and a `ValueError`)."""
 
