@@ -33,7 +33,7 @@ from diffusers import WanVACETransformer3DModel  # noqa: E402
 
 import hetcache  # noqa: E402
 from hetcache import flops, sparse  # noqa: E402
-from hetcache.engine import engine_of  # noqa: E402
+from hetcache.hooks import engine_of  # noqa: E402
 
 COVERAGE_FILE = Path(__file__).resolve().parent / "data" / "driving_coverage_33x480x832.pt"
 
@@ -217,7 +217,8 @@ def engine_forward_times(model, inputs, setting: Setting, timer: Timer, compile:
     engine = engine_of(model)
 
     def full_with_selection() -> None:
-        engine.selection_step = -1  # force the selection at every call
+        if engine.session is not None:
+            engine.session.selection_step = -1  # force the selection at every call
         call()
 
     out["full_with_selection_s"] = timer(full_with_selection, setting.repeats, warmup=2)
@@ -265,7 +266,7 @@ def graph_check(model, inputs, setting: Setting) -> dict:
 def selection_parts(model, inputs, setting: Setting, timer: Timer) -> dict:
     """Each piece of the FULL-step selection on real-size tensors: partition, k-means, scores, context rows."""
     from hetcache import select, tokens
-    from hetcache.engine import KMEANS_POINTS, SCORE_QUERIES
+    from hetcache.session import KMEANS_POINTS, SCORE_QUERIES
 
     coverage = driving_coverage(setting.grid).to(setting.device)
     parts = {"partition_s": timer(lambda: tokens.partition_tokens(coverage, margin=3), setting.repeats)}

@@ -37,7 +37,7 @@ import hetcache  # noqa: E402
 from attention_backends import cuda_ms as cuda_time  # noqa: E402
 from attention_backends import cudnn_chunks, split_kv_attention  # noqa: E402
 from gpu_transformer import box_coverage, build_model, make_inputs, real_setting  # noqa: E402
-from hetcache.engine import engine_of  # noqa: E402
+from hetcache.hooks import engine_of  # noqa: E402
 
 TOKENS, HEADS, HEAD_DIM = 14_040, 12, 128
 R015_ROWS = 2_106  # rows of the r = 0.15 box at 9 x 30 x 52 tokens (gpu4.json)
@@ -172,12 +172,13 @@ def engine_study(model, inputs, grid) -> dict:
         row = {"ms": cuda_time(call, warmup=4)}
         row["rows"] = hetcache.stats(model).rows[-1]
         row["timeline"] = kernel_timeline(call)
+        session = engine.session
         if name == "partial_r015":  # the same rows at every index: no new selection during capture
-            fixed = engine.step_rows[max(engine.step_rows)]
-            engine._partial_rows = lambda index, fixed=fixed: fixed
+            fixed = session.step_rows[max(session.step_rows)]
+            session.partial_rows = lambda index, fixed=fixed: fixed
         else:  # no selection during capture
-            engine.selection_step = -2
-            engine._select_context = lambda hidden_states: None
+            session.selection_step = -2
+            session.select_context = lambda index, hidden_states, scores: None
         row["graph_ms"] = graph_replay_ms(call)
         hetcache.disable(model)
         out[name] = row

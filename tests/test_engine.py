@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tiny_models import box_mask, tiny_inputs, tiny_transformer, token_rows
 
 import hetcache
-from hetcache.engine import HetCacheEngine, engine_of
+from hetcache.engine import HetCacheEngine
+from hetcache.hooks import engine_of
 
 TOL = 1e-5
 GRID = (3, 4, 6)
@@ -60,7 +61,7 @@ def test_full_steps_of_a_partial_plan_match_stock(model):
     hetcache.enable(model, cfg(plan="FFP"), mask=mask())
     for (x, t), ref in zip(steps, expected):
         assert (call(model, x, t) - ref).abs().max() <= TOL
-    assert engine_of(model)._states["cond"].main_kv[0].key is not None
+    assert engine_of(model).branches["cond"].cache.layer("main", 0).key is not None
 
 
 def test_full_only_plan_is_bitwise_stock(model):
@@ -89,7 +90,7 @@ def test_partial_after_full_on_same_inputs_reproduces_rows(model):
     full = call(model, x, 600.0)
     partial = call(model, x, 600.0)
     engine = engine_of(model)
-    rows = engine.step_rows[1]
+    rows = engine.session.step_rows[1]
     assert 0 < rows.numel() < 72
     assert (token_rows(partial)[rows] - token_rows(full)[rows]).abs().max() <= TOL
     # Rows outside S come from h_in + R of the same inputs: the whole output matches.
@@ -111,7 +112,7 @@ def test_reuse_is_input_plus_residual_and_runs_no_block(model):
     first, second = tiny_inputs(0), tiny_inputs(1)
     hetcache.enable(model, cfg(plan="FR"), mask=mask())
     call(model, first, 900.0)
-    residual = engine_of(model)._states["cond"].residual.clone()
+    residual = engine_of(model).branches["cond"].cache.residual.clone()
     ffn_calls = []
     handles = [m.ffn.register_forward_hook(lambda *a: ffn_calls.append(1)) for m in (*model.blocks, *model.vace_blocks)]
     out = call(model, second, 800.0)
@@ -194,16 +195,16 @@ def test_ema_blends_non_generative_rows(model):
     config = cfg(plan="FP", margin_ratio=1.0, context_ratio=1.0, ema_alpha=0.5)
     hetcache.enable(model, config, mask=mask())
     call(model, x, 900.0)
-    before = engine_of(model)._states["cond"].residual.clone()
+    before = engine_of(model).branches["cond"].cache.residual.clone()
     call(model, y, 800.0)
     engine = engine_of(model)
-    after = engine._states["cond"].residual
-    gen = engine.partition.generative
-    context = engine.partition.context
+    after = engine.branches["cond"].cache.residual
+    gen = engine.session.partition.generative
+    context = engine.session.partition.context
     hetcache.enable(model, cfg(plan="FP", margin_ratio=1.0, context_ratio=1.0), mask=mask())
     call(model, x, 900.0)
     call(model, y, 800.0)
-    fresh = engine_of(model)._states["cond"].residual
+    fresh = engine_of(model).branches["cond"].cache.residual
     assert (after[:, gen] - fresh[:, gen]).abs().max() <= TOL
     expected = 0.5 * before[:, context] + 0.5 * fresh[:, context]
     assert (after[:, context] - expected).abs().max() <= TOL
@@ -214,7 +215,7 @@ def test_cache_dtype_shrinks_the_caches(model, dtype, bytes_per_value, tolerance
     def run(config):
         hetcache.enable(model, config, mask=mask())
         outs = [call(model, tiny_inputs(i), t) for i, t in enumerate((900.0, 800.0, 700.0, 600.0))]
-        text = sum(k.nbytes + v.nbytes for k, v in engine_of(model)._states["cond"].text_kv.values())
+        text = sum(k.nbytes + v.nbytes for k, v in engine_of(model).branches["cond"].cache.text_kv.values())
         return outs[-1], hetcache.stats(model).cache_bytes - text  # text K/V stay in the compute dtype
 
     reference, full_bytes = run(cfg(plan="FPRP"))
@@ -231,11 +232,11 @@ def test_cuda_graph_mode_keeps_buffers_in_place_and_outputs_unchanged(model, mon
 
     def run(graphs):
         hetcache.enable(model, cfg(plan="FPFP", cuda_graphs=graphs), mask=mask())
-        state = lambda: engine_of(model)._states["cond"]  # noqa: E731
+        state = lambda: engine_of(model).branches["cond"].cache  # noqa: E731
         outputs, addresses = [], []
         for x, t in steps:
             outputs.append(call(model, x, t))
-            addresses.append((state().main_kv[0].key.data_ptr(), state().vace_kv[0].value.data_ptr(),
+            addresses.append((state().layer("main", 0).key.data_ptr(), state().layer("vace", 0).value.data_ptr(),
                               state().residual.data_ptr()))
         assert hetcache.stats(model).plan == "FPFP"
         return outputs, addresses
@@ -253,14 +254,14 @@ def test_rows_handed_to_a_graph_drive_the_whole_call(model):
     engine = engine_of(model)
     call(model, tiny_inputs(0), 900.0)
     engine.begin_call(tiny_inputs(1)["hidden_states"], torch.tensor([500.0]),
-                      tiny_inputs(1)["encoder_hidden_states"], engine._states["cond"], "cond")
+                      tiny_inputs(1)["encoder_hidden_states"], engine.branches["cond"], "cond")
     rows, blend = engine.ctx.rows, engine.ctx.update.blend
     assert engine.ctx.kind == "P" and blend is not None and 0 < int((blend > 0).sum()) < rows.numel()
     buffer = rows.clone()
     engine.use_rows(buffer)
     assert engine.ctx.rows is buffer and engine.ctx.update.index is buffer
     assert engine.ctx.update.blend is not blend and torch.equal(engine.ctx.update.blend, blend)
-    assert engine.ctx.rope is None and engine.rope_rows == {}
+    assert engine.ctx.rope is None and engine.session.rope_rows == {}
     engine.end_call()
 
 

@@ -11,7 +11,8 @@ import torch
 from tiny_models import box_mask, tiny_inputs, tiny_transformer
 
 import hetcache
-from hetcache.engine import HetCacheEngine, engine_of
+from hetcache.engine import HetCacheEngine
+from hetcache.hooks import engine_of
 from hetcache.graphs import PartialGraphs
 
 

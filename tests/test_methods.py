@@ -18,7 +18,7 @@ from tiny_models import box_mask, tiny_inputs, tiny_transformer
 import hetcache
 from hetcache import flops
 from tiny_models import demo_clip
-from hetcache.engine import HOOK_NAME
+from hetcache.core import HOOK_NAME
 from hetcache.errors import UserError
 from hetcache.methods import METHOD_NAMES, inference_steps, method_config, unavailable_reason
 from hetcache.methods import base

@@ -17,7 +17,8 @@ from hetcache.errors import UserError
 
 _LAZY = {
     "HetCacheConfig": "hetcache.config",
-    "HetCacheStats": "hetcache.engine",
+    "CacheStats": "hetcache.core",
+    "HetCacheStats": "hetcache.core",
     "disable": "hetcache.api",
     "enable": "hetcache.api",
     "plan_for": "hetcache.api",

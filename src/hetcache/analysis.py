@@ -7,7 +7,7 @@ For one edit with the stock pipeline (no cache), at every denoising step:
 (b) the last main block's self-attention from the generative tokens of the first latent frame that has any
     (frame 0 for ordinary masks) to every token: softmax over all keys, averaged over heads and those queries,
     kept for up to 5 latent frames spread over the clip;
-(c) the attention mass the generative queries (all of them, at most `engine.SCORE_QUERIES` evenly spaced) put on
+(c) the attention mass the generative queries (all of them, at most `session.SCORE_QUERIES` evenly spaced) put on
     the generative, margin and context tokens.
 (b) and (c) come from a diffusers hook on the last block's `attn1` that recomputes the queries and keys the way
 the block does (projections, RMS norms, RoPE), on the "cond" CFG branch only. Outputs: analysis.json,
@@ -29,13 +29,12 @@ import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
-from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 import hetcache
-from hetcache import plan, select, tokens
+from hetcache import compat, plan, select, tokens
 from hetcache import video as vio
 from hetcache.config import HetCacheConfig
-from hetcache.engine import SCORE_QUERIES, resolve_plan
+from hetcache.core import call_argument
 from hetcache.errors import UserError
 from hetcache.methods import method_config
 from hetcache.pipeline import (
@@ -47,7 +46,9 @@ from hetcache.pipeline import (
     resolve_dtype,
     run_edit,
 )
-from hetcache.sparse import RowRope
+from hetcache.plan import resolve_plan
+from hetcache.session import SCORE_QUERIES
+from hetcache.sparse import RowRope, qkv_projections
 
 SCHEMA = "hetcache-analysis/1"
 HOOK_NAME = "hetcache-analysis"
@@ -108,7 +109,7 @@ def query_key_value(attn: torch.nn.Module, hidden_states: torch.Tensor,
                     rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Self-attention queries and keys (after RMS norm and RoPE) and values of a Wan block's `attn1`, each
     [B, N, heads, head_dim], computed as diffusers' `WanAttnProcessor` does."""
-    query, key, value = _get_qkv_projections(attn, hidden_states, None)
+    query, key, value = qkv_projections(attn, hidden_states)
     rope = RowRope.from_rotary_emb(rotary_emb)
     query = rope.apply(attn.norm_q(query).unflatten(2, (attn.heads, -1)))
     key = rope.apply(attn.norm_k(key).unflatten(2, (attn.heads, -1)))
@@ -149,11 +150,11 @@ class AttentionProbe(ModelHook):
         self.records: list[dict[str, torch.Tensor]] = []
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        context = self.state_manager._context
-        if context is not None and context.name != BRANCH:
+        branch = compat.context_name(self.state_manager)
+        if branch is not None and branch != BRANCH:
             return args, kwargs
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        rotary_emb = args[3] if len(args) > 3 else kwargs.get("rotary_emb")
+        hidden_states = call_argument(type(module).forward, args, kwargs, "hidden_states")
+        rotary_emb = call_argument(type(module).forward, args, kwargs, "rotary_emb")
         with torch.no_grad():
             query, key, _ = query_key_value(module, hidden_states, rotary_emb)
             queries, keys = query[0].transpose(0, 1).float(), key[0].transpose(0, 1).float()

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry
 
-from hetcache import engine as _engine
-from hetcache import tokens
+from hetcache import hooks, plan, tokens
 from hetcache.config import HetCacheConfig
-from hetcache.engine import HetCacheEngine, HetCacheStats
+from hetcache.core import CacheStats
+from hetcache.engine import HetCacheEngine
 from hetcache.pipeline import preview_timesteps
 
 _MASK_WRAPPER_FLAG = "_hetcache_mask_wrapper"
@@ -36,7 +36,7 @@ def _split(target: Any) -> tuple[Any, torch.nn.Module]:
 
 def _engine_for(target: Any) -> HetCacheEngine:
     _, transformer = _split(target)
-    engine = _engine.engine_of(transformer)
+    engine = hooks.engine_of(transformer)
     if engine is None:
         raise RuntimeError("hetcache is not enabled on this model: call hetcache.enable first")
     return engine
@@ -54,7 +54,7 @@ def enable(
     """Turn HetCache (or a baseline cache from `hetcache.methods`) on for a WanVACEPipeline or its transformer.
 
     A baseline's config implements `attach(transformer, pipeline)`, registering its hooks under the name
-    `engine.HOOK_NAME` with a root hook whose `engine` attribute carries `config` and `stats`; `disable` and
+    `hetcache.core.HOOK_NAME` with a root hook whose `engine` attribute carries `config` and `stats`; `disable` and
     `stats` then work for it unchanged.
 
     `mask` (pixel mask [F, H, W], True = generate) or `token_mask` (per-token coverage [T, H', W']) are for direct
@@ -62,7 +62,7 @@ def enable(
     index (otherwise calls are counted per CFG branch). Enabling twice replaces the earlier engine.
     """
     pipeline, transformer = _split(target)
-    if _engine.engine_of(transformer) is not None:
+    if hooks.engine_of(transformer) is not None:
         disable(target)
     if config is not None and not isinstance(config, HetCacheConfig):
         if not hasattr(config, "attach"):
@@ -77,7 +77,7 @@ def enable(
     )
     if mask is not None or token_mask is not None:
         engine.set_mask(token_mask if mask is None else mask, token_coverage=mask is None)
-    _engine.attach(transformer, engine)
+    hooks.attach(transformer, engine)
     if pipeline is not None:
         _wrap_prepare_masks(pipeline, engine)
     return engine
@@ -86,12 +86,12 @@ def enable(
 def disable(target: Any) -> None:
     """Remove every hetcache hook; the stock forward runs again, exactly."""
     pipeline, transformer = _split(target)
-    _engine.detach(transformer)  # frees the caches now, not at the next garbage collection
+    hooks.detach(transformer)  # frees the caches now, not at the next garbage collection
     if pipeline is not None and getattr(pipeline.__dict__.get("prepare_masks"), _MASK_WRAPPER_FLAG, False):
         del pipeline.__dict__["prepare_masks"]
 
 
-def stats(target: Any) -> HetCacheStats:
+def stats(target: Any) -> CacheStats:
     """What the last (or the running) video's denoising did: plan, FLOPs, token counts, rows, cache bytes."""
     return _engine_for(target).stats
 
@@ -121,7 +121,7 @@ def plan_for(
     token counts: pass the pixel `mask` [F, H, W] (or enable with a mask first).
     """
     pipeline, transformer = _split(target)
-    engine = _engine.engine_of(transformer)
+    engine = hooks.engine_of(transformer)
     config = config or (engine.config if engine is not None else HetCacheConfig())
     if config.plan is not None:
         if len(config.plan) != num_inference_steps:
@@ -131,7 +131,7 @@ def plan_for(
     partition = None
     if config.budget is not None:
         partition = _partition_for_plan(transformer, config, mask, engine)
-    letters, _, _ = _engine.resolve_plan(
+    letters, _, _ = plan.resolve_plan(
         transformer, config, partition, text_len, timesteps=timesteps, num_steps=num_inference_steps
     )
     return letters
@@ -149,8 +149,8 @@ def _timesteps(pipeline: Any, engine: HetCacheEngine | None, num_steps: int) -> 
 def _partition_for_plan(transformer: torch.nn.Module, config: HetCacheConfig, mask: torch.Tensor | None,
                         engine: HetCacheEngine | None) -> tokens.TokenPartition:
     options = dict(margin=config.margin, gen_threshold=config.gen_threshold, temporal_margin=config.temporal_margin)
-    if mask is None and engine is not None and engine.user_mask is not None:
-        user_mask, is_coverage = engine.user_mask
+    if mask is None and engine is not None and engine.mask.user is not None:
+        user_mask, is_coverage = engine.mask.user
         if is_coverage:
             return tokens.partition_tokens(user_mask.float(), **options)
         mask = user_mask

@@ -33,7 +33,6 @@ import hetcache
 from hetcache import flops, plan, tokens
 from hetcache import video as vio
 from hetcache.config import HetCacheConfig
-from hetcache.engine import partial_row_count
 from hetcache.errors import UserError
 from hetcache.methods import METHOD_NAMES, check_method_name, inference_steps, method_config, unavailable_reason
 from hetcache.methods.pab import PABConfig, broadcast_steps
@@ -376,7 +375,7 @@ def plan_table(
             partition = tokens.partition_from_pixel_mask(
                 mask, grid, margin=config.margin, gen_threshold=config.gen_threshold,
                 temporal_margin=config.temporal_margin)
-            partial = flops.forward_flops(shape, n, partial_row_count(partition, config), text_len, text_kv=False)
+            partial = flops.forward_flops(shape, n, plan.partial_row_count(partition, config), text_len, text_kv=False)
             reuse = flops.forward_flops(shape, n, 0, text_len, text_kv=False)
             row["plan"] = letters
             row["flops_ratio"] = plan.plan_cost(letters, dense, partial, reuse) / (steps * dense)

@@ -28,10 +28,20 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from hetcache import compat
+
 # Graphs are used for videos whose PARTIAL steps compute at most this share of the tokens. Above it a PARTIAL step
 # is GPU-bound: on the H100 a replay saved 4 ms of 135 at r = 0.415, FULL steps paid 3 ms each for writing K/V in
 # place, and a 50-step loop ran 1.6 % slower; at r = 0.15 a replay saves 35 ms of 85 (gpu8.json).
 MAX_ROW_SHARE = 0.3
+
+
+def capturable(transformer: torch.nn.Module, device: torch.device) -> bool:
+    """Whether a forward of `transformer` on `device` can be captured: a CUDA device that is the current one
+    (capture records that device's streams only), and no offloading hooks (they move weights during the forward)."""
+    if device.type != "cuda" or (device.index is not None and device.index != torch.cuda.current_device()):
+        return False
+    return not any(compat.has_offloading_hooks(module) for module in transformer.modules())
 
 
 @dataclass

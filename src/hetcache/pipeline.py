@@ -25,6 +25,7 @@ import numpy as np
 from huggingface_hub import constants as hub_constants
 from PIL import Image
 
+from hetcache import compat
 from hetcache import video as vio
 from hetcache.errors import UserError
 
@@ -303,7 +304,7 @@ def default_guidance(model: str) -> float:
 
 def _cast_keeping_fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast as `from_pretrained(dtype=...)` does: the model's `_keep_in_fp32_modules` stay in float32, untouched."""
-    keep = set(model._keep_in_fp32_modules or ())
+    keep = set(compat.keep_in_fp32_modules(model))
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not keep.intersection(name.split(".")):
             tensor.data = tensor.data.to(dtype)
@@ -431,7 +432,7 @@ def run_edit(
         raise UserError(problem)
     num_frames, height, width = mask.shape
 
-    device = pipe._execution_device
+    device = compat.execution_device(pipe)
     generator = torch.Generator("cpu" if device.type == "mps" else device).manual_seed(seed)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     marks: dict[str, float] = {}
@@ -454,8 +455,7 @@ def run_edit(
     mask_rgb = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
     masks_in = [Image.fromarray(frame) for frame in mask_rgb]
 
-    had_bar_config = hasattr(pipe, "_progress_bar_config")
-    bar_config = getattr(pipe, "_progress_bar_config", None)
+    bar_config = compat.progress_bar_config(pipe)
     pipe.set_progress_bar_config(**{**(bar_config or {}), "disable": True})
     handle = pipe.transformer.register_forward_pre_hook(on_first_denoiser_call)
     try:
@@ -481,10 +481,7 @@ def run_edit(
         end = time.perf_counter()
     finally:
         handle.remove()
-        if had_bar_config:
-            pipe._progress_bar_config = bar_config
-        else:
-            del pipe._progress_bar_config
+        compat.restore_progress_bar_config(pipe, bar_config)
 
     timings = {
         "encode": marks["denoise_start"] - start,

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from hetcache import flops, select, tokens
+
+if TYPE_CHECKING:
+    from hetcache.config import HetCacheConfig
 
 STEP_KINDS = "FPR"  # FULL, PARTIAL, REUSE
 
@@ -248,3 +253,49 @@ def describe_plan(plan: str) -> str:
     """A one-line summary such as "50 steps: 12 F, 18 P, 20 R"."""
     counts = ", ".join(f"{plan.count(kind)} {kind}" for kind in STEP_KINDS)
     return f"{len(plan)} steps: {counts}"
+
+
+def resolve_plan(
+    transformer: torch.nn.Module,
+    config: HetCacheConfig,
+    partition: tokens.TokenPartition,
+    text_len: int,
+    *,
+    timesteps: torch.Tensor | None,
+    num_steps: int | None,
+) -> tuple[str, float | None, list[str]]:
+    """The step plan for one video: a fixed string, or thresholds / a budget over the timestep signal."""
+    notes: list[str] = []
+    if config.plan is not None:
+        if num_steps is not None and len(config.plan) != num_steps:
+            raise ValueError(f"plan has {len(config.plan)} letters but the run has {num_steps} steps")
+        return validate_plan(config.plan, len(config.plan)), None, notes
+    if timesteps is None:
+        raise ValueError("threshold and budget plans need the timesteps: use a pipeline, or pass timesteps= to enable")
+    signal = timestep_modulations(transformer, timesteps)
+    coefficients = TEACACHE_WAN21_COEFFICIENTS.get(model_family(transformer.config) or "")
+    distances = step_distances(signal, coefficients)
+    guards = dict(kappa=config.kappa, warmup_steps=config.warmup_steps, max_reuse=config.max_reuse,
+                  refresh_every=config.refresh_every)
+    if config.budget is None:
+        return plan_from_distances(distances, config.delta, **guards), config.delta, notes
+    shape = flops.ModelShape.from_config(transformer.config)
+    n = partition.num_tokens
+    rows = partial_row_count(partition, config)
+    costs = dict(
+        full_cost=flops.forward_flops(shape, n, n, text_len, text_kv=False),
+        partial_cost=flops.forward_flops(shape, n, rows, text_len, text_kv=False),
+        reuse_cost=flops.forward_flops(shape, n, 0, text_len, text_kv=False),
+    )
+    delta, letters = solve_budget(distances, config.budget, **costs, **guards)
+    achieved = plan_cost(letters, **costs) / (len(letters) * costs["full_cost"])
+    if achieved > config.budget + 1e-9:
+        notes.append(f"budget {config.budget:.2f} is below what the plan guards allow; cheapest plan costs {achieved:.2f}")
+    return letters, delta, notes
+
+
+def partial_row_count(partition: tokens.TokenPartition, config: HetCacheConfig) -> int:
+    """Rows a PARTIAL step computes: all generative, ceil(rho_m |M|) margin, ceil(rho_c |C|) context tokens."""
+    counts = partition.counts()
+    margin = select.context_count(counts["margin"], config.margin_ratio)
+    return counts["generative"] + margin + select.context_count(counts["context"], config.context_ratio)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+from hetcache import compat
 
 
 @dataclass
@@ -103,9 +104,17 @@ def text_key_value(attn: torch.nn.Module, encoder_hidden_states: torch.Tensor) -
     return key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
 
 
+def qkv_projections(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-attention query, key and value projections of rows `x`, fused (`fuse_projections`) or not, as
+    `WanAttnProcessor` makes them."""
+    if attn.fused_projections:
+        return attn.to_qkv(x).chunk(3, dim=-1)
+    return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
+
 def _attend(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     out = dispatch_attention_fn(
-        query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=attn.processor._attention_backend
+        query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=compat.attention_backend(attn)
     )
     out = out.flatten(2, 3).type_as(query)
     return attn.to_out[1](attn.to_out[0](out))
@@ -119,7 +128,7 @@ def _self_attention(
     update: RowUpdate,
     probe: Callable[[torch.Tensor, torch.Tensor], None] | None,
 ) -> torch.Tensor:
-    query, key, value = _get_qkv_projections(attn, x, None)
+    query, key, value = qkv_projections(attn, x)
     query = rope.apply(attn.norm_q(query).unflatten(2, (attn.heads, -1)))
     key = rope.apply(attn.norm_k(key).unflatten(2, (attn.heads, -1)))
     value = value.unflatten(2, (attn.heads, -1))

@@ -111,7 +111,7 @@ class AdaCacheRuntime(base.MethodRuntime):
     def begin_call(self, call: base.Call, args: tuple, kwargs: dict) -> None:
         state: AdaCacheState = call.state
         forced = call.index <= 1 or (self.num_steps is not None and call.index >= self.num_steps - 2)
-        hidden = base.call_arg(args, kwargs, 0, "hidden_states")
+        hidden = self.argument("transformer", args, kwargs, "hidden_states")
         cached = state.main.get(0)
         fits = cached is not None and cached.shape[1] == call.tokens and cached.shape[0] == hidden.shape[0]
         self._compute = forced or call.index >= state.next_compute or not fits
@@ -120,7 +120,7 @@ class AdaCacheRuntime(base.MethodRuntime):
     def main_handler(self, layer: int):
         def handler(original, *args: Any, **kwargs: Any) -> torch.Tensor:
             state: AdaCacheState = self.call.state
-            hidden = base.call_arg(args, kwargs, 0, "hidden_states")
+            hidden = self.argument("main", args, kwargs, "hidden_states")
             if not self._compute:
                 return hidden + state.main[layer]
             out = original(*args, **kwargs)
@@ -134,7 +134,7 @@ class AdaCacheRuntime(base.MethodRuntime):
     def vace_handler(self, layer: int):
         def handler(original, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             state: AdaCacheState = self.call.state
-            control = base.call_arg(args, kwargs, 2, "control_hidden_states")
+            control = self.argument("vace", args, kwargs, "control_hidden_states")
             if not self._compute:
                 hint, residual = state.vace[layer]
                 return hint, control + residual

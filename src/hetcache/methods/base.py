@@ -1,7 +1,7 @@
 """Plumbing shared by the baseline caches: a root hook with per-branch state, delegating sub-module hooks, the
-step index, and the analytic cost of what a call ran.
+call's step and arguments, and the analytic cost of what a call ran.
 
-Every hook is registered through diffusers' `HookRegistry` under `engine.HOOK_NAME`, so `hetcache.disable` removes
+Every hook is registered through diffusers' `HookRegistry` under `core.HOOK_NAME`, so `hetcache.disable` removes
 a baseline exactly as it removes the HetCache engine. The root (transformer-level) hook is the only stateful one:
 it keeps one `BaseState` per `cache_context` name ("cond" / "uncond"), and the pipeline's reset after each call
 ends the video. Sub-module hooks read the current call (`MethodRuntime.call`) and its branch state from the
@@ -16,18 +16,10 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+from diffusers.hooks.hooks import BaseState, StateManager
 
-from hetcache import flops
-from hetcache.engine import DEFAULT_CONTEXT, HOOK_NAME, HetCacheStats
-
-# A step index is read from the scheduler's timesteps when the call's timestep is this close to one of them.
-_TIMESTEP_RTOL = 1e-3
-
-
-def call_arg(args: tuple, kwargs: dict, position: int, name: str) -> Any:
-    """Argument `name` of a call, given positionally at `position` or by keyword."""
-    return args[position] if len(args) > position else kwargs.get(name)
+from hetcache import compat, flops
+from hetcache.core import DEFAULT_CONTEXT, HOOK_NAME, CacheStats, StepClock, call_argument
 
 
 def tensor_bytes(value: Any) -> int:
@@ -101,15 +93,24 @@ class MethodRuntime:
     def __init__(self, transformer: torch.nn.Module, config: Any, scheduler: Any = None) -> None:
         self.transformer = transformer
         self.config = config
-        self.scheduler = scheduler
+        self.clock = StepClock(scheduler)
         self.shape = flops.ModelShape.from_config(transformer.config)
-        self.stats = HetCacheStats()
+        self.stats = CacheStats()
         self.call: Call | None = None
         self.states: dict[str, BaseState] = {}  # the root hook's StateManager cache, keyed by branch
         self.timesteps: list[float] | None = None
         self._calls: dict[str, int] = {}
         self._first_branch = ""
         self._video_open = False
+        # The forwards whose arguments the hooks read by name (`argument`).
+        self._forwards = {"transformer": type(transformer).forward, "main": type(transformer.blocks[0]).forward,
+                          "vace": type(transformer.vace_blocks[0]).forward,
+                          "attention": type(transformer.blocks[0].attn1).forward}
+
+    def argument(self, caller: str, args: tuple, kwargs: dict, name: str) -> Any:
+        """Argument `name` of a call of the transformer, a main block, a VACE block or an attention module
+        (`caller`: "transformer", "main", "vace", "attention")."""
+        return call_argument(self._forwards[caller], args, kwargs, name)
 
     # ---------------------------------------------------------------------------------- for subclasses
     @property
@@ -131,16 +132,16 @@ class MethodRuntime:
 
     # ---------------------------------------------------------------------------------- for the root hook
     def start(self, args: tuple, kwargs: dict, state: BaseState, branch: str) -> None:
-        hidden_states = call_arg(args, kwargs, 0, "hidden_states")
-        timestep = call_arg(args, kwargs, 1, "timestep")
-        text = call_arg(args, kwargs, 2, "encoder_hidden_states")
+        hidden_states = self.argument("transformer", args, kwargs, "hidden_states")
+        timestep = self.argument("transformer", args, kwargs, "timestep")
+        text = self.argument("transformer", args, kwargs, "encoder_hidden_states")
         p_t, p_h, p_w = self.transformer.config.patch_size
         _, _, frames, height, width = hidden_states.shape
         tokens = (frames // p_t) * (height // p_h) * (width // p_w)
         value = None if timestep is None else float(timestep.flatten()[0])
         if not self._video_open:
             self._open_video(branch)
-        index = self._step_index(value, branch)
+        index = self.clock.index(value, self._calls.get(branch, 0))
         if index == 0 and branch == self._first_branch and self.stats.plan:
             self._open_video(branch)  # direct calls starting a new video without a pipeline reset
         self._calls[branch] = self._calls.get(branch, 0) + 1
@@ -154,10 +155,7 @@ class MethodRuntime:
         letter, cost, rows = self.end_call(call)
         self.stats.flops += cost
         self.stats.dense_flops += dense_flops(self.shape, call.tokens, call.text_len)
-        self.stats.branches[call.branch] = self.stats.branches.get(call.branch, "") + letter
-        if call.first_branch:
-            self.stats.plan += letter
-            self.stats.rows.append(rows)
+        self.stats.record(call.branch, letter, rows, call.first_branch)
         held = sum(tensor_bytes(vars(state)) for state in self.states.values())
         self.stats.cache_bytes = max(self.stats.cache_bytes, held)
 
@@ -169,21 +167,13 @@ class MethodRuntime:
     def _open_video(self, branch: str) -> None:
         for state in self.states.values():
             state.reset()
-        self.stats = HetCacheStats()
+        self.stats = CacheStats()
         self._calls.clear()
         self._first_branch = branch
         self._video_open = True
-        timesteps = getattr(self.scheduler, "timesteps", None)
+        timesteps = self.clock.timesteps()
         self.timesteps = None if timesteps is None else [float(t) for t in timesteps.detach().float().cpu()]
         self.new_video()
-
-    def _step_index(self, value: float | None, branch: str) -> int:
-        """The step of a call: the scheduler timestep it matches, else the number of calls so far in its branch."""
-        if self.timesteps is not None and value is not None:
-            nearest = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - value))
-            if abs(self.timesteps[nearest] - value) <= _TIMESTEP_RTOL * max(1.0, abs(value)):
-                return nearest
-        return self._calls.get(branch, 0)
 
 
 # ------------------------------------------------------------------------------------------------ hooks
@@ -196,12 +186,11 @@ class RootHook(ModelHook):
         super().__init__()
         self.engine = runtime
         self.state_manager = StateManager(runtime.state_class)
-        runtime.states = self.state_manager._state_cache
+        runtime.states = compat.branch_states(self.state_manager)
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        if self.state_manager._context is None:
-            self.state_manager.set_context(CacheContext(DEFAULT_CONTEXT))
-        self.engine.start(args, kwargs, self.state_manager.get_state(), self.state_manager.context.name)
+        state, name = compat.current_branch(self.state_manager, DEFAULT_CONTEXT)
+        self.engine.start(args, kwargs, state, name)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:

@@ -176,8 +176,8 @@ class FastCacheRuntime(base.MethodRuntime):
 
     def main_handler(self, layer: int):
         def handler(original, *args: Any, **kwargs: Any) -> torch.Tensor:
-            hidden, text, temb, rotary_emb = (base.call_arg(args, kwargs, i, name) for i, name in enumerate(
-                ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")))
+            hidden, text, temb, rotary_emb = (self.argument("main", args, kwargs, name) for name in (
+                "hidden_states", "encoder_hidden_states", "temb", "rotary_emb"))
             if layer == 0:
                 self._decide_rows(hidden)
                 hidden = self._gather(hidden)
@@ -196,8 +196,8 @@ class FastCacheRuntime(base.MethodRuntime):
 
     def vace_handler(self, layer: int):
         def handler(original, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            hidden, text, control, temb, rotary_emb = (base.call_arg(args, kwargs, i, name) for i, name in enumerate(
-                ("hidden_states", "encoder_hidden_states", "control_hidden_states", "temb", "rotary_emb")))
+            hidden, text, control, temb, rotary_emb = (self.argument("vace", args, kwargs, name) for name in (
+                "hidden_states", "encoder_hidden_states", "control_hidden_states", "temb", "rotary_emb"))
             if layer == 0:
                 self._decide_rows(hidden)
                 hidden, control = self._gather(hidden), self._gather(control)

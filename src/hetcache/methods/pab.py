@@ -131,7 +131,7 @@ class PABRuntime(base.MethodRuntime):
             call, plan = self.call, self._plan
             state: PABState = call.state
             cached = state.outputs.get(key)
-            query = base.call_arg(args, kwargs, 0, "hidden_states")
+            query = self.argument("attention", args, kwargs, "hidden_states")
             if plan.broadcast[kind] and cached is not None and cached.shape[:-1] == query.shape[:-1]:
                 plan.reused += 1
                 plan.saved += self._attention_cost(kind, call)

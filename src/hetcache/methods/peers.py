@@ -1,7 +1,7 @@
 """External caches run as their authors ship them: diffusers' FirstBlockCache and MagCache, cache-dit's DBCache.
 
 They are wrapped only so the benchmark can treat them like the other methods: `attach` registers observer hooks
-under `engine.HOOK_NAME` (a root hook for the stats, and on diffusers' caches one hook per main and VACE block that
+under `core.HOOK_NAME` (a root hook for the stats, and on diffusers' caches one hook per main and VACE block that
 records which blocks ran), then enables the cache through the peer's own entry point; `hetcache.disable` removes
 the observers, and removing the root hook disables the peer's cache too.
 
