@@ -95,6 +95,14 @@ def _heads_refused() -> str:
     return _refusal(lambda: parallel.enable_context_parallel(tiny_transformer(heads=2)))
 
 
+def _backend_refused() -> str:
+    from diffusers.models.attention_dispatch import attention_backend
+    from tiny_models import tiny_transformer
+
+    with attention_backend("_native_math"):  # no context-parallel support in diffusers
+        return _refusal(lambda: parallel.enable_context_parallel(tiny_transformer()))
+
+
 def _diffusers_path() -> dict:
     """diffusers' own `enable_parallelism` with our plan (made to run on the CPU by claiming one accelerator)
     against `enable_context_parallel`'s CPU path; and whether `enable_parallelism` still fails on the CPU."""
@@ -156,6 +164,7 @@ SCENARIOS = {
         "uneven_refused": _uneven_refused,
         "hooked_refused": _hooked_refused,
         "twice_refused": _twice_refused,
+        "backend_refused": _backend_refused,
         "diffusers_path": _diffusers_path,
         "pipeline": lambda: _pipeline("fp32"),
         "pipeline_bf16": lambda: _pipeline("bf16"),
@@ -256,6 +265,14 @@ def test_a_transformer_with_other_hooks_is_refused(two_ranks):
 def test_enabling_twice_is_refused(two_ranks):
     for result in two_ranks:
         assert result["twice_refused"] == "context parallelism is already enabled on this transformer"
+
+
+def test_an_attention_backend_without_cpu_context_parallelism_is_refused(two_ranks):
+    for result in two_ranks:
+        assert result["backend_refused"] == (
+            "context parallelism on the CPU needs diffusers' native attention backend, not _native_math: "
+            "the other backends that support it run on CUDA only"
+        )
 
 
 def test_diffusers_enable_parallelism_gives_the_same_output(two_ranks):

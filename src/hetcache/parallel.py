@@ -222,10 +222,12 @@ def _enable_on_cpu(transformer: WanVACETransformer3DModel, config: ContextParall
         raise UserError("parallelism is already enabled on this transformer")
     processors = [m.processor for m in transformer.modules() if isinstance(m, AttentionModuleMixin)]
     for processor in processors:
-        backend = processor._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
-        if AttentionBackendName(backend) != AttentionBackendName.NATIVE:
+        backend = AttentionBackendName(
+            processor._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
+        )
+        if backend != AttentionBackendName.NATIVE:
             raise UserError(
-                f"context parallelism on the CPU needs diffusers' native attention backend, not {backend}: "
+                f"context parallelism on the CPU needs diffusers' native attention backend, not {backend.value}: "
                 "the other backends that support it run on CUDA only"
             )
     parallel = ParallelConfig(context_parallel_config=config)
