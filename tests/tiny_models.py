@@ -9,11 +9,15 @@ from diffusers import WanVACETransformer3DModel
 TEXT_DIM = 32
 
 
-def tiny_transformer(num_layers: int = 4, vace_layers: tuple[int, ...] = (0, 2), seed: int = 0) -> WanVACETransformer3DModel:
-    """A tiny model whose weights are scaled up so attention, hints and residuals are far from trivial."""
+def tiny_transformer(
+    num_layers: int = 4, vace_layers: tuple[int, ...] = (0, 2), seed: int = 0, heads: int = 2
+) -> WanVACETransformer3DModel:
+    """A tiny model whose weights are scaled up so attention, hints and residuals are far from trivial.
+
+    The width stays 32 whatever the number of heads (4 heads of 8 for 4-way sequence parallelism)."""
     torch.manual_seed(seed)
     model = WanVACETransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=32 // heads, in_channels=16, out_channels=16,
         text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=num_layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=64, vace_layers=list(vace_layers), vace_in_channels=96,
     )
