@@ -32,7 +32,7 @@ import diffusers  # noqa: E402
 from diffusers import WanVACETransformer3DModel  # noqa: E402
 
 import hetcache  # noqa: E402
-from hetcache import flops, sparse  # noqa: E402
+from hetcache import flops, sparse, store  # noqa: E402
 from hetcache.hooks import engine_of  # noqa: E402
 
 COVERAGE_FILE = Path(__file__).resolve().parent / "data" / "driving_coverage_33x480x832.pt"
@@ -381,15 +381,15 @@ def big_block(setting: Setting, timer: Timer) -> dict:
     latent = torch.empty(1, 1, frames, height * 2, width * 2, device=setting.device)
     rows_rope = sparse.RowRope.from_rotary_emb(rope(latent))
     text_kv = sparse.text_key_value(block.attn2, text)
-    kv = sparse.LayerKV()
-    full_update = sparse.RowUpdate(None)
+    kv = store.LayerKV()
+    full_update = store.RowUpdate(None)
     out = {"dim": dim, "heads": heads, "ffn": spec["ffn"], "tokens": n}
     with torch.no_grad():
         out["stock_s"] = timer(lambda: block(x, text, temb, rope(latent)), max(2, setting.repeats // 2))
         out["full_s"] = timer(lambda: sparse.block_rows(block, x, temb, rows_rope, kv, text_kv, full_update),
                               max(2, setting.repeats // 2))
         index = torch.arange(0, n, 2, device=setting.device)
-        part = sparse.RowUpdate(index)
+        part = store.RowUpdate(index)
         x_rows, rope_rows = x[:, index], rows_rope.rows(index)
         out["partial_r"] = index.numel() / n
         out["partial_s"] = timer(lambda: sparse.block_rows(block, x_rows, temb, rope_rows, kv, text_kv, part),

@@ -3,6 +3,8 @@ signal matches the engine's plan, the probe leaves the output alone, and every o
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 
@@ -111,7 +113,9 @@ def test_plan_signal_is_the_engines_plan_and_teacaches_rule(analysed):
     config = analysis_config("hetcache-fast")
     pipe = load_pipeline("tiny-random", "cpu", "fp32", height=64, width=96)
     text_len = pipe.tokenizer.model_max_length  # the tiny tokenizer's 16 (the real encoder: 512)
-    assert signal["hetcache"] == hetcache.plan_for(pipe, STEPS, config, mask=torch.from_numpy(mask), text_len=text_len)
+    every_step = dataclasses.replace(config, step_fraction=1.0)  # the analysed run takes every step
+    assert signal["hetcache"] == hetcache.plan_for(pipe, STEPS, every_step, mask=torch.from_numpy(mask),
+                                                   text_len=text_len)
     assert [s["hetcache"] for s in result["steps"]] == list(signal["hetcache"])
     assert signal["distance"][0] is None and signal["accumulated"][0] is None
     delta = signal["delta"]

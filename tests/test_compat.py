@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
-from diffusers.models.attention_dispatch import AttentionBackendName
+from diffusers.models.attention_dispatch import AttentionBackendName, attention_backend
 from tiny_models import tiny_inputs, tiny_transformer
 
 from hetcache import compat
@@ -53,7 +53,8 @@ def test_state_manager_cache_and_context():
 def test_attention_backend_follows_the_users_choice():
     model = tiny_transformer()
     assert compat.attention_backend(model.blocks[0].attn1) is None
-    model.set_attention_backend("_native_math")
+    with attention_backend("native"):  # set_attention_backend also sets diffusers' global backend: restore it after
+        model.set_attention_backend("_native_math")
     assert compat.attention_backend(model.blocks[0].attn1) == AttentionBackendName._NATIVE_MATH
 
 

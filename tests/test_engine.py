@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers.models.attention_dispatch import attention_backend
 from torch.utils.flop_counter import FlopCounterMode
-from tiny_models import box_mask, tiny_inputs, tiny_transformer, token_rows
+from tiny_models import box_mask, output_head, tiny_inputs, tiny_transformer, token_rows
 
 import hetcache
 from hetcache.engine import HetCacheEngine
@@ -97,17 +97,6 @@ def test_partial_after_full_on_same_inputs_reproduces_rows(model):
     assert (partial - full).abs().max() <= TOL
 
 
-def head(model, hidden, t, text):
-    """The stock transformer head applied to a full hidden sequence (what REUSE must feed it)."""
-    temb = model.condition_embedder(torch.tensor([t]), text)[0]
-    shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-    h = (model.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
-    h = model.proj_out(h)
-    frames, height, width = GRID
-    h = h.reshape(1, frames, height, width, 1, 2, 2, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-    return h.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-
 def test_reuse_is_input_plus_residual_and_runs_no_block(model):
     first, second = tiny_inputs(0), tiny_inputs(1)
     hetcache.enable(model, cfg(plan="FR"), mask=mask())
@@ -121,7 +110,7 @@ def test_reuse_is_input_plus_residual_and_runs_no_block(model):
     assert ffn_calls == []
     with torch.no_grad():
         hidden_in = model.patch_embedding(second["hidden_states"]).flatten(2).transpose(1, 2)
-        expected = head(model, hidden_in + residual, 800.0, second["encoder_hidden_states"])
+        expected = output_head(model, hidden_in + residual, 800.0, second["encoder_hidden_states"], GRID)
     assert torch.equal(out, expected)
 
 
@@ -215,8 +204,11 @@ def test_cache_dtype_shrinks_the_caches(model, dtype, bytes_per_value, tolerance
     def run(config):
         hetcache.enable(model, config, mask=mask())
         outs = [call(model, tiny_inputs(i), t) for i, t in enumerate((900.0, 800.0, 700.0, 600.0))]
-        text = sum(k.nbytes + v.nbytes for k, v in engine_of(model).branches["cond"].cache.text_kv.values())
-        return outs[-1], hetcache.stats(model).cache_bytes - text  # text K/V stay in the compute dtype
+        cache = engine_of(model).branches["cond"].cache
+        text = sum(k.nbytes + v.nbytes for k, v in cache.text_kv.values())
+        assert cache.residual.dtype == torch.float32  # the residual keeps the compute dtype
+        # text K/V and the residual stay in the compute dtype: the rest is K/V
+        return outs[-1], hetcache.stats(model).cache_bytes - text - cache.residual.nbytes
 
     reference, full_bytes = run(cfg(plan="FPRP"))
     out, small_bytes = run(cfg(plan="FPRP", cache_dtype=dtype))

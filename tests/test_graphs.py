@@ -57,10 +57,12 @@ def test_warm_call_then_capture_then_replay_with_new_inputs_and_rows(fake_cuda):
         seen.append((x, rows_in_use["rows"]))
         return (x * scale,)
 
-    def use_rows(buffer):
-        # Inside the capture: what the engine derives from the rows (EMA weights) is then recomputed at replay.
+    def use_rows(buffer, args, kwargs):
+        # Inside the capture: what the engine derives from the rows (EMA weights) and the arguments (the timestep)
+        # is then recomputed at replay, from the graph's own copies.
         assert fake_cuda["capturing"]
-        rows_in_use["rows"] = buffer
+        rows_in_use["rows"], rows_in_use["x"] = buffer, args[0]
+        assert kwargs == {"scale": 3.0}
 
     def step(value: float, rows: list[int], branch: str = "cond"):
         rows_in_use["rows"] = torch.tensor(rows)
@@ -72,6 +74,7 @@ def test_warm_call_then_capture_then_replay_with_new_inputs_and_rows(fake_cuda):
     assert len(seen) == 2 and len(graphs) == 1
     captured = graphs._captured[next(iter(graphs._captured))]
     assert seen[1][0] is captured.inputs[0] and seen[1][1] is captured.rows
+    assert rows_in_use["x"] is captured.inputs[0]  # the engine saw the graph's copy of the arguments
     assert torch.equal(captured.rows, torch.tensor([0, 2])) and captured.graph.replays == 1
     assert torch.equal(second[0], torch.full((2,), 6.0)) and second[0] is not captured.output[0]
     step(5.0, [1, 2])  # replay: no Python forward; inputs and rows copied into the graph's buffers
@@ -91,15 +94,16 @@ def test_failed_capture_falls_back_to_eager_for_good(fake_cuda):
     calls, handed = [], []
     forward = lambda x: calls.append(x) or x + 1  # noqa: E731
     rows = torch.tensor([3, 4])
-    graphs.run("cond", rows, (torch.zeros(2),), {}, forward, handed.append)
+    hand = lambda buffer, args, kwargs: handed.append(buffer)  # noqa: E731
+    graphs.run("cond", rows, (torch.zeros(2),), {}, forward, hand)
     fake_cuda["capture"] = True
-    out = graphs.run("cond", rows, (torch.zeros(2),), {}, forward, handed.append)
+    out = graphs.run("cond", rows, (torch.zeros(2),), {}, forward, hand)
     assert torch.equal(out, torch.ones(2)) and len(calls) == 2  # the warm call and the eager fallback
     assert handed == [rows] and "not permitted" in graphs.failure  # the engine reads the step's own rows again
     fake_cuda["capture"] = False
     graphs.clear()  # a new video: still no capture
     for _ in range(3):
-        graphs.run("cond", rows, (torch.zeros(2),), {}, forward, handed.append)
+        graphs.run("cond", rows, (torch.zeros(2),), {}, forward, hand)
     assert len(calls) == 5 and len(graphs) == 0
 
 

@@ -88,7 +88,9 @@ def test_never_skip_reproduces_full_exactly(pipe, edit_inputs, reference, name):
 
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_every_method_runs_and_disable_restores_stock(pipe, edit_inputs, reference, name):
-    overrides = {"teacache": dict(delta=1e3, warmup_steps=1)}.get(name, {})
+    # step_fraction 1: on 6 steps the presets' budgets would otherwise be met by fewer solver steps, all FULL
+    overrides = {"teacache": dict(delta=1e3, warmup_steps=1), "hetcache-slow": dict(step_fraction=1.0),
+                 "hetcache-fast": dict(step_fraction=1.0)}.get(name, {})
     config = method_config(name, **overrides)
     out, stats = run_method(pipe, edit_inputs, config)
     steps = inference_steps(config, STEPS)

@@ -16,7 +16,7 @@ import contextlib
 import pytest
 import torch
 from diffusers.models.transformers import transformer_wan
-from tiny_models import box_mask, tiny_inputs, tiny_transformer, token_rows
+from tiny_models import box_mask, output_head, tiny_inputs, tiny_transformer, token_rows
 
 import hetcache
 from hetcache.hooks import engine_of
@@ -24,17 +24,6 @@ from hetcache.hooks import engine_of
 TOL = 1e-5
 GRID = (3, 4, 6)
 T_FULL, T_PARTIAL = 900.0, 700.0
-
-
-def head(model, hidden, t, text):
-    """The stock output head on a full hidden sequence [1, N, dim]."""
-    temb = model.condition_embedder(torch.tensor([t]), text)[0]
-    shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-    h = (model.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
-    h = model.proj_out(h)
-    frames, height, width = GRID
-    h = h.reshape(1, frames, height, width, 1, 2, 2, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-    return h.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
 class SelfAttentionKV:
@@ -116,7 +105,7 @@ def test_partial_step_matches_stock_forward_with_swapped_kv(layers, selection, m
     outside = torch.ones(72, dtype=torch.bool)
     outside[rows] = False
     with torch.no_grad():
-        held = head(reference_model, hidden_in + residual, T_PARTIAL, second["encoder_hidden_states"])
+        held = output_head(reference_model, hidden_in + residual, T_PARTIAL, second["encoder_hidden_states"], GRID)
     assert (token_rows(partial)[rows] - token_rows(rebuilt)[rows]).abs().max() <= TOL
     assert (token_rows(partial)[outside] - token_rows(held)[outside]).abs().max() <= TOL
     # The swap matters: without it the rows of S differ (so the test can fail).

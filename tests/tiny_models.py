@@ -88,3 +88,16 @@ def demo_clip(frames: int = 17, height: int = 128, width: int = 224) -> tuple[np
         top, bottom = max(car_top - margin, 0), car_top + car_h + margin
         mask[f, top:bottom, max(left - margin, 0) : left + car_w + margin] = True
     return video, mask
+
+
+def output_head(model: WanVACETransformer3DModel, hidden: torch.Tensor, t: float, text: torch.Tensor,
+                grid: tuple[int, int, int]) -> torch.Tensor:
+    """The stock transformer head on a full hidden sequence [1, N, dim] (what REUSE and the rows outside a PARTIAL
+    step's S must feed it), for a token grid of patch (1, 2, 2)."""
+    temb = model.condition_embedder(torch.tensor([t]), text)[0]
+    shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+    h = (model.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+    h = model.proj_out(h)
+    frames, height, width = grid
+    h = h.reshape(1, frames, height, width, 1, 2, 2, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return h.flatten(6, 7).flatten(4, 5).flatten(2, 3)

@@ -42,6 +42,7 @@ from hetcache.pipeline import (
     check_prompt,
     load_pipeline,
     prepare_for_model,
+    preview_timesteps,
     resolve_device,
     resolve_dtype,
     run_edit,
@@ -74,17 +75,17 @@ def accumulated(distances: Sequence[float], letters: str) -> list[float]:
 
 
 def plan_signal(pipe: Any, steps: int, config: HetCacheConfig, partition: tokens.TokenPartition) -> dict[str, Any]:
-    """The step plan of `config` for `steps` steps of `pipe` and the signal behind it, from the timestep
+    """The step plan of `config` over all `steps` steps of `pipe` (the analysed run takes every step, so a config
+    that would run fewer solver steps is planned at every step here) and the signal behind it, from the timestep
     modulations alone. TeaCache's decisions use the same distances, delta, warm-up and reuse cap with kappa = 1
     and a FULL after every reuse run; None when the plan is a fixed string (there is no delta)."""
-    preview = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    preview.set_timesteps(steps)
-    timesteps = preview.timesteps
     transformer = pipe.transformer
     text_len = min(MAX_SEQUENCE_LENGTH, int(pipe.tokenizer.model_max_length))
-    letters, delta, notes = resolve_plan(transformer, config, partition, text_len, timesteps=timesteps, num_steps=steps)
+    timesteps = preview_timesteps(pipe.scheduler, steps)
+    letters, delta, notes = resolve_plan(transformer, config, partition, text_len, timesteps=timesteps,
+                                         num_steps=steps)
     coefficients = plan.TEACACHE_WAN21_COEFFICIENTS.get(plan.model_family(transformer.config) or "")
-    distances = plan.step_distances(plan.timestep_modulations(transformer, timesteps), coefficients)
+    distances = plan.model_distances(transformer, timesteps)
     teacache = None
     if delta is not None:
         teacache = plan.plan_from_distances(distances, delta, kappa=1.0, warmup_steps=config.warmup_steps,
@@ -204,7 +205,7 @@ def analyze(pipe: Any, video: np.ndarray, mask: np.ndarray, prompt: str, *, step
     if not with_queries:
         raise UserError("the mask covers no token: nothing to analyse (draw a larger mask)")
     query_frame = with_queries[0]
-    signal = plan_signal(pipe, steps, config, partition)
+    signal = plan_signal(pipe, steps, dataclasses.replace(config, step_fraction=1.0), partition)
 
     hetcache.disable(pipe)
     probe = attach_probe(pipe.transformer, partition, query_frame)

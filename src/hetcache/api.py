@@ -1,25 +1,27 @@
 """Public entry points: enable / disable HetCache on a WanVACEPipeline or its transformer, read stats, preview plans.
 
-With a pipeline, nothing else is needed: `enable` wraps the pipeline instance's `prepare_masks` so the pixel
-mask of every `pipe(video=..., mask=...)` call reaches the engine (the wrapper only records the mask and calls
-the original), and the step index comes from `pipe.scheduler.timesteps`. Calling the transformer directly takes
-the mask from `enable(..., mask=...)` or `set_mask`, and the steps from `timesteps=` (or counts calls per branch).
+With a pipeline, nothing else is needed: `enable` wraps three methods of the pipeline instance (`_wrap_pipeline`)
+so the mask of every `pipe(video=..., mask=...)` call reaches the engine and the scheduler runs the plan's solver
+steps (the wrappers call the originals unchanged), and the step index comes from `pipe.scheduler.timesteps`.
+Calling the transformer directly takes the mask from `enable(..., mask=...)` or `set_mask`, and the steps from
+`timesteps=` (or counts calls per branch).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.hooks import HookRegistry
 
-from hetcache import hooks, plan, tokens
+from hetcache import hooks, plan, session
 from hetcache.config import HetCacheConfig
-from hetcache.core import CacheStats
+from hetcache.core import CacheStats, call_argument
 from hetcache.engine import HetCacheEngine
-from hetcache.pipeline import preview_timesteps
+from hetcache.pipeline import MAX_SEQUENCE_LENGTH, preview_timesteps
 
-_MASK_WRAPPER_FLAG = "_hetcache_mask_wrapper"
+_WRAPPER_FLAG = "_hetcache_wrapper"
 
 
 def _split(target: Any) -> tuple[Any, torch.nn.Module]:
@@ -46,8 +48,8 @@ def enable(
     target: Any,
     config: Any = None,
     *,
-    mask: torch.Tensor | None = None,
-    token_mask: torch.Tensor | None = None,
+    mask: torch.Tensor | np.ndarray | None = None,
+    token_mask: torch.Tensor | np.ndarray | None = None,
     timesteps: torch.Tensor | None = None,
     num_inference_steps: int | None = None,
 ) -> Any:
@@ -76,10 +78,10 @@ def enable(
         num_inference_steps=num_inference_steps,
     )
     if mask is not None or token_mask is not None:
-        engine.set_mask(token_mask if mask is None else mask, token_coverage=mask is None)
+        engine.set_mask(torch.as_tensor(token_mask if mask is None else mask), token_coverage=mask is None)
     hooks.attach(transformer, engine)
     if pipeline is not None:
-        _wrap_prepare_masks(pipeline, engine)
+        _wrap_pipeline(pipeline, engine)
     return engine
 
 
@@ -87,8 +89,8 @@ def disable(target: Any) -> None:
     """Remove every hetcache hook; the stock forward runs again, exactly."""
     pipeline, transformer = _split(target)
     hooks.detach(transformer)  # frees the caches now, not at the next garbage collection
-    if pipeline is not None and getattr(pipeline.__dict__.get("prepare_masks"), _MASK_WRAPPER_FLAG, False):
-        del pipeline.__dict__["prepare_masks"]
+    if pipeline is not None:
+        _unwrap_pipeline(pipeline)
 
 
 def stats(target: Any) -> CacheStats:
@@ -96,9 +98,9 @@ def stats(target: Any) -> CacheStats:
     return _engine_for(target).stats
 
 
-def set_mask(target: Any, mask: torch.Tensor | None, *, token_coverage: bool = False) -> None:
+def set_mask(target: Any, mask: torch.Tensor | np.ndarray | None, *, token_coverage: bool = False) -> None:
     """Set the mask for direct transformer calls (pixel mask, or per-token coverage with token_coverage=True)."""
-    _engine_for(target).set_mask(mask, token_coverage=token_coverage)
+    _engine_for(target).set_mask(None if mask is None else torch.as_tensor(mask), token_coverage=token_coverage)
 
 
 def reset(target: Any) -> None:
@@ -112,10 +114,11 @@ def plan_for(
     num_inference_steps: int,
     config: Any = None,
     *,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | np.ndarray | None = None,
     text_len: int = 512,
 ) -> str:
-    """The plan letters HetCache will run for `num_inference_steps`, computed before any denoising.
+    """The plan letters HetCache will run when `num_inference_steps` are asked for, computed before any denoising:
+    one letter per solver step that runs (fewer than asked for with `step_fraction`, or when a budget needs it).
 
     Wan2.1's timestep modulation depends on the timestep only, so thresholds need no video. A budget needs the
     token counts: pass the pixel `mask` [F, H, W] (or enable with a mask first).
@@ -127,46 +130,101 @@ def plan_for(
         if len(config.plan) != num_inference_steps:
             raise ValueError(f"plan has {len(config.plan)} letters but {num_inference_steps} steps were asked for")
         return config.plan
-    timesteps = _timesteps(pipeline, engine, num_inference_steps)
+    patch = tuple(transformer.config.patch_size)
     partition = None
-    if config.budget is not None:
-        partition = _partition_for_plan(transformer, config, mask, engine)
-    letters, _, _ = plan.resolve_plan(
-        transformer, config, partition, text_len, timesteps=timesteps, num_steps=num_inference_steps
-    )
+    if mask is not None:
+        partition = session.pixel_partition(config, torch.as_tensor(mask) > 0.5, patch)
+    elif isinstance(engine, HetCacheEngine):
+        partition = engine.mask.early_partition(config, patch)
+    if partition is None and config.budget is not None:
+        raise ValueError("a budget plan needs the token counts: pass mask= (pixel mask [F, H, W])")
+
+    def timesteps_for(steps: int) -> torch.Tensor:
+        return _timesteps(pipeline, engine, steps)
+
+    steps = plan.solver_steps(transformer, config, num_inference_steps, partition=partition, text_len=text_len,
+                              timesteps_for=timesteps_for)
+    letters, _, _ = plan.resolve_plan(transformer, config, partition, text_len, timesteps=timesteps_for(steps),
+                                      num_steps=steps, requested_steps=num_inference_steps)
     return letters
 
 
-def _timesteps(pipeline: Any, engine: HetCacheEngine | None, num_steps: int) -> torch.Tensor:
+def _timesteps(pipeline: Any, engine: Any, num_steps: int) -> torch.Tensor:
     scheduler = pipeline.scheduler if pipeline is not None else None
-    if scheduler is None and engine is not None and engine.timesteps is not None:
-        if len(engine.timesteps) != num_steps:
-            raise ValueError(f"the transformer was enabled with {len(engine.timesteps)} timesteps, not {num_steps}")
-        return engine.timesteps
+    fixed = getattr(engine, "timesteps", None)
+    if scheduler is None and fixed is not None:
+        if len(fixed) != num_steps:
+            raise ValueError(f"the transformer was enabled with {len(fixed)} timesteps, not {num_steps}")
+        return fixed
     return preview_timesteps(scheduler, num_steps)
 
 
-def _partition_for_plan(transformer: torch.nn.Module, config: HetCacheConfig, mask: torch.Tensor | None,
-                        engine: HetCacheEngine | None) -> tokens.TokenPartition:
-    options = dict(margin=config.margin, gen_threshold=config.gen_threshold, temporal_margin=config.temporal_margin)
-    if mask is None and engine is not None and engine.mask.user is not None:
-        user_mask, is_coverage = engine.mask.user
-        if is_coverage:
-            return tokens.partition_tokens(user_mask.float(), **options)
-        mask = user_mask
-    if mask is None:
-        raise ValueError("a budget plan needs the token counts: pass mask= (pixel mask [F, H, W])")
-    grid = tokens.latent_grid(tuple(mask.shape), tuple(transformer.config.patch_size))
-    return tokens.partition_from_pixel_mask(mask, grid, **options)
+# ------------------------------------------------------------------------------------------------ pipelines
+def _wrap_pipeline(pipeline: Any, engine: HetCacheEngine) -> None:
+    """Wrap three methods of this pipeline instance (each calls the original unchanged) so the engine learns what
+    a `pipe(...)` call does before its first denoising step:
 
+    - `check_inputs` (first): the call's mask, from which the solver step count of a budget can be solved;
+    - `scheduler.set_timesteps`: runs S' of the S steps asked for (`HetCacheEngine.solver_steps`);
+    - `prepare_masks`: the preprocessed pixel mask and the reference images, which define the partition.
+    """
+    check_inputs, prepare_masks = pipeline.check_inputs, pipeline.prepare_masks
+    scheduler = pipeline.scheduler
+    set_timesteps = scheduler.set_timesteps
 
-def _wrap_prepare_masks(pipeline: Any, engine: HetCacheEngine) -> None:
-    original = pipeline.prepare_masks
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        def argument(name: str) -> Any:
+            return call_argument(type(pipeline).check_inputs, args, kwargs, name)
 
-    def prepare_masks(mask: torch.Tensor, reference_images: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raw_mask, height, width = argument("mask"), argument("height"), argument("width")
+        count = _reference_count(argument("reference_images"))
+        if raw_mask is not None:  # made lazily: only a budget without step_fraction needs it this early
+            engine.mask.early = (lambda: _pixel_mask(pipeline, raw_mask, height, width), count)
+        embeds = argument("prompt_embeds")
+        engine.text_len_hint = embeds.shape[1] if embeds is not None else _text_length(pipeline)
+        return check_inputs(*args, **kwargs)
+
+    def timesteps(num_inference_steps: int | None = None, *args: Any, **kwargs: Any) -> Any:
+        if num_inference_steps is not None:
+            num_inference_steps = engine.solver_steps(num_inference_steps)
+        return set_timesteps(num_inference_steps, *args, **kwargs)
+
+    def masks(mask: torch.Tensor, reference_images: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         references = len(reference_images[0]) if reference_images else 0
         engine.begin_pipeline_call(mask[0, 0] > 0.5, references)
-        return original(mask, reference_images, *args, **kwargs)
+        return prepare_masks(mask, reference_images, *args, **kwargs)
 
-    setattr(prepare_masks, _MASK_WRAPPER_FLAG, True)
-    pipeline.prepare_masks = prepare_masks
+    for owner, name, wrapper in ((pipeline, "check_inputs", checked), (scheduler, "set_timesteps", timesteps),
+                                 (pipeline, "prepare_masks", masks)):
+        setattr(wrapper, _WRAPPER_FLAG, True)
+        setattr(owner, name, wrapper)
+
+
+def _unwrap_pipeline(pipeline: Any) -> None:
+    for owner, name in ((pipeline, "check_inputs"), (pipeline.scheduler, "set_timesteps"), (pipeline, "prepare_masks")):
+        if getattr(owner.__dict__.get(name), _WRAPPER_FLAG, False):
+            del owner.__dict__[name]
+
+
+def _text_length(pipeline: Any) -> int:
+    """The text length the pipeline's prompt embeddings will have: its default `max_sequence_length` (512), or the
+    tokenizer's shorter limit (as `pipeline.run_edit` passes it)."""
+    tokenizer = getattr(pipeline, "tokenizer", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(MAX_SEQUENCE_LENGTH, int(limit)) if limit else MAX_SEQUENCE_LENGTH
+
+
+def _reference_count(reference_images: Any) -> int:
+    """How many reference images a pipeline call got (one image, a list, or one list per video)."""
+    if not reference_images:
+        return 0
+    if not isinstance(reference_images, list):
+        return 1
+    return len(reference_images[0]) if isinstance(reference_images[0], list) else len(reference_images)
+
+
+def _pixel_mask(pipeline: Any, mask: Any, height: int, width: int) -> torch.Tensor:
+    """The pipeline call's mask [F, H, W] (True = generate) as `WanVACEPipeline.preprocess_conditions` makes it from
+    the user's frames (its video processor, then (m + 1) / 2 > 0.5)."""
+    frames = pipeline.video_processor.preprocess_video(mask, height, width)
+    return (frames[0, 0] + 1) / 2 > 0.5

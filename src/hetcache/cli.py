@@ -253,13 +253,13 @@ def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs,
     hetcache.disable(pipe)
     for note in stats.notes:
         typer.echo(f"note: {request.method}: {note}", err=True)
-    if stats.dense_flops > 0:
-        # Relative to the dense cost of the steps asked for, so fewer-steps shows its saving too.
-        ratio = stats.flops / (stats.dense_flops * request.steps / steps)
-        cost = f"{ratio:.2f} of the dense FLOPs (analytic)"
-    else:
-        cost = "FLOPs not observed"
-    return result, f"plan {stats.plan or '-'} ({steps} steps), {cost}"
+    # Relative to the dense cost of the steps asked for, so fewer-steps shows its saving too (HetCache's stats
+    # already count every requested step as dense).
+    dense = stats.dense_flops * request.steps / (stats.requested_steps or steps)
+    cost = f"{stats.flops / dense:.2f} of the dense FLOPs (analytic)" if dense > 0 else "FLOPs not observed"
+    ran = len(stats.plan) or steps
+    counted = f"{ran} steps" if ran == request.steps else f"{ran} of {request.steps} steps"
+    return result, f"plan {stats.plan or '-'} ({counted}), {cost}"
 
 
 def _write(path: Path, frames: np.ndarray, fps: float, request: EditRequest) -> Path:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from hetcache.forecast import ORDERS
 from hetcache.select import SELECTION_STRATEGIES
+
+REUSE_MODES = tuple(ORDERS)
 
 
 # Budgets (fractions of dense FLOPs) of the two presets: the FLOPs ratios reported for HetCache-slow and
@@ -32,12 +38,21 @@ class HetCacheConfig:
       is known.
     - `warmup_steps`, `max_reuse`, `refresh_every`: guards of the plan (first steps FULL, at most `max_reuse`
       REUSE in a row, a FULL at least every `refresh_every` computed steps). The last step is always FULL.
+      `max_reuse=0` gives plans of FULL and PARTIAL steps only.
     - `margin` (tokens), `temporal_margin` (latent frames), `gen_threshold`: the token partition.
     - `margin_ratio`, `context_ratio`: the shares of margin and context tokens recomputed by a PARTIAL step.
     - `selection`, `kmeans_clusters`, `kmeans_iters`: how context tokens are chosen at FULL steps.
     - `ema_alpha`: 0 replaces cached rows of non-generative tokens with fresh ones; alpha > 0 blends
       `alpha * old + (1 - alpha) * new`.
-    - `cache_dtype`: dtype of the K/V buffers and the residual (default: the model's dtype).
+    - `step_fraction`: the share of the requested solver steps that run (S' = round(S x step_fraction), at least
+      1; the scheduler spreads them over the same noise range); the plan letters apply to those S' steps. None:
+      every step, except that a `budget` then solves S' jointly with the letters (the largest S' that meets it).
+    - `reuse`: what rows that are not computed at a step read from the caches: "hold" their last computed value,
+      "linear" / "quadratic" an extrapolation of their last two / three values in the timestep (REUSE steps'
+      residual, and the residual and K/V of the rows a PARTIAL step skips). Each order keeps one more copy of
+      every cache buffer.
+    - `cache_dtype`: dtype of the stored K/V (default: the model's dtype); what attention reads and the residual
+      stay in the compute dtype.
     - `seed`: seeds k-means initialisation and the `random` strategy.
     - `compile`: run the engine's block maths through `torch.compile` (dynamic row counts, one graph shared by
       all blocks of a kind). On a GPU, PARTIAL steps with few rows are bound by kernel launches in eager mode;
@@ -66,6 +81,8 @@ class HetCacheConfig:
     kmeans_clusters: int = 16
     kmeans_iters: int = 8
     ema_alpha: float = 0.0
+    step_fraction: float | None = None
+    reuse: str = "hold"
     cache_dtype: torch.dtype | None = None
     seed: int = 0
     compile: bool = False
@@ -84,10 +101,10 @@ class HetCacheConfig:
             self.budget = SLOW_BUDGET
         if self.kappa < 1.0:
             raise ValueError(f"kappa must be >= 1, got {self.kappa}")
-        for name in ("warmup_steps", "margin", "temporal_margin"):
+        for name in ("warmup_steps", "max_reuse", "margin", "temporal_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_reuse", "refresh_every", "kmeans_clusters", "kmeans_iters"):
+        for name in ("refresh_every", "kmeans_clusters", "kmeans_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("margin_ratio", "context_ratio"):
@@ -97,6 +114,10 @@ class HetCacheConfig:
             raise ValueError(f"gen_threshold must be in [0, 1), got {self.gen_threshold}")
         if not 0.0 <= self.ema_alpha < 1.0:
             raise ValueError(f"ema_alpha must be in [0, 1), got {self.ema_alpha}")
+        if self.step_fraction is not None and not 0.0 < self.step_fraction <= 1.0:
+            raise ValueError(f"step_fraction must be in (0, 1], got {self.step_fraction}")
+        if self.reuse not in REUSE_MODES:
+            raise ValueError(f"reuse must be one of {', '.join(REUSE_MODES)}, got {self.reuse!r}")
         if self.selection not in SELECTION_STRATEGIES:
             raise ValueError(f"selection must be one of {', '.join(SELECTION_STRATEGIES)}, got {self.selection!r}")
 
@@ -115,3 +136,27 @@ class HetCacheConfig:
         out = dataclasses.asdict(self)
         out["cache_dtype"] = None if self.cache_dtype is None else str(self.cache_dtype).removeprefix("torch.")
         return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> HetCacheConfig:
+        """The config `to_dict` wrote (unknown keys and bad values are refused with the field's name)."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown HetCacheConfig field(s): {', '.join(unknown)}")
+        values = dict(values)
+        dtype = values.get("cache_dtype")
+        if isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"cache_dtype {dtype!r} is not a torch dtype")
+            values["cache_dtype"] = getattr(torch, dtype)
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> HetCacheConfig:
+        """Load a config JSON file: a `to_dict` object, or a `hetcache calibrate` choice (its "config" entry)."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if isinstance(data, dict) and isinstance(data.get("config"), dict):
+            data = data["config"]
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds no HetCacheConfig object")
+        return cls.from_dict(data)

@@ -36,6 +36,7 @@ class CacheStats:
     cache_bytes: int = 0  # peak bytes held by caches, all branches
     branches: dict[str, str] = field(default_factory=dict)  # executed letters per branch
     notes: list[str] = field(default_factory=list)
+    requested_steps: int | None = None  # the steps asked for; `plan` has one letter per solver step that ran
 
     @property
     def flops_ratio(self) -> float:
@@ -66,6 +67,7 @@ class CacheStats:
             "cache_bytes": self.cache_bytes,
             "branches": dict(self.branches),
             "notes": list(self.notes),
+            "requested_steps": self.requested_steps,
         }
 
 

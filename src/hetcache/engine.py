@@ -26,9 +26,10 @@ from diffusers.hooks.hooks import BaseState
 from hetcache import flops, graphs, plan
 from hetcache.config import HetCacheConfig
 from hetcache.core import CacheStats, StepClock
+from hetcache.pipeline import preview_timesteps
 from hetcache.session import EditMask, VideoSession, start_session
-from hetcache.sparse import RowRope, RowUpdate, block_rows, vace_block_rows
-from hetcache.store import BranchCache, CacheStore
+from hetcache.sparse import RowRope, block_rows, vace_block_rows
+from hetcache.store import BranchCache, CacheStore, RowUpdate
 
 
 class BranchState(BaseState):
@@ -50,6 +51,7 @@ class StepContext:
 
     index: int
     kind: str
+    time: torch.Tensor  # the call's timestep value, [1] (forecasts extrapolate to it)
     rows: torch.Tensor | None  # None on FULL (all rows)
     branch: BranchState
     update: RowUpdate
@@ -71,7 +73,9 @@ class HetCacheEngine:
         self.shape = flops.ModelShape.from_config(transformer.config)
         self.num_main = len(transformer.blocks)
         self.mask = EditMask()
-        self.store = CacheStore(config.cache_dtype, self.shape.heads)
+        self.store = CacheStore(config.cache_dtype, self.shape.heads, config.reuse)
+        self.requested_steps: int | None = None  # S of a pipeline call that runs S' solver steps
+        self.text_len_hint = 512  # the text length a pipeline call's embeddings will have (before they exist)
         self.main_rows, self.vace_rows = block_rows, vace_block_rows
         if config.compile:
             self.main_rows = torch.compile(block_rows, dynamic=True)
@@ -90,7 +94,8 @@ class HetCacheEngine:
     # ----------------------------------------------------------------------------------------------- video
     def end_video(self) -> None:
         """The pipeline reset its stateful hooks after a call: drop per-video state, keep the stats."""
-        self.mask.call = None
+        self.mask.call = self.mask.early = None
+        self.requested_steps = None
         self._drop_session()
 
     def begin_pipeline_call(self, pixel_mask: torch.Tensor, num_reference_frames: int) -> None:
@@ -138,13 +143,13 @@ class HetCacheEngine:
             timesteps = self.clock.timesteps()
             session = self.session = start_session(self.transformer, self.config, self.mask, grid,
                                                    hidden_states.device, text.shape[1], timesteps,
-                                                   self.num_inference_steps, branch_name)
+                                                   self.num_inference_steps, branch_name, self.requested_steps)
             self.graphs_active = self._use_graphs(hidden_states.device)
         if session.partition.grid != grid:
             raise ValueError(f"the token grid changed mid-video ({session.partition.grid} -> {grid}); call hetcache.reset")
 
         kind = session.kind(index)
-        if branch.cache.residual is None or branch.grid != grid:
+        if not branch.cache.ready or branch.grid != grid:
             kind = "F"  # nothing cached for this branch yet
         if self.store.use_text(branch.cache, text) and self.graphs is not None:
             self.graphs.clear()  # the graphs read the old text K/V
@@ -155,25 +160,44 @@ class HetCacheEngine:
             blend = session.blend(rows) if self.config.ema_alpha > 0 else None
         elif kind == "R":
             rows = torch.empty(0, dtype=torch.long, device=hidden_states.device)
-        update = RowUpdate(rows, blend, self.config.cache_dtype, in_place=self.graphs_active)
+        time = timestep.flatten()[:1]
+        weights = None if kind == "F" else self.store.forecast_weights(branch.cache, time)
+        update = RowUpdate(rows, blend, self.config.cache_dtype, in_place=self.graphs_active, weights=weights)
         select_now = kind == "F" and session.has_partial_steps and session.selection_step != index
         stock = kind == "F" and not session.has_partial_steps
-        self.ctx = StepContext(index, kind, rows, branch, update, select_now, stock)
+        self.ctx = StepContext(index, kind, time, rows, branch, update, select_now, stock)
         computed = session.partition.num_tokens if rows is None else int(rows.numel())
         session.account(branch_name, kind, computed, text_kv=stock or not branch.cache.text_kv)
         branch.calls += 1
         return self.ctx
 
-    def use_rows(self, rows: torch.Tensor) -> None:
-        """Read this call's rows from `rows` (a CUDA graph's own buffer). Called inside the capture, so the EMA
-        weights computed here and the gather, RoPE rows and assembly computed later all derive from the buffer on
-        every replay."""
+    def use_rows(self, rows: torch.Tensor, timestep: torch.Tensor | None = None) -> None:
+        """Read this call's rows from `rows` and its timestep from `timestep` (a CUDA graph's own buffers). Called
+        inside the capture, so the EMA and forecast weights computed here and the gather, RoPE rows and assembly
+        computed later all derive from the buffers on every replay."""
         ctx = self.ctx
         ctx.rows = ctx.update.index = rows
         if ctx.update.blend is not None:
             ctx.update.blend = self.session.blend(rows)
+        if timestep is not None:
+            ctx.time = timestep.flatten()[:1]
+            if ctx.update.weights is not None:
+                ctx.update.weights = self.store.forecast_weights(ctx.branch.cache, ctx.time)
         ctx.rope = None
         self.session.rope_rows = {}
+
+    def solver_steps(self, requested: int) -> int:
+        """S' for a pipeline call that asks for `requested` steps (`plan.solver_steps`); remembered, since a budget
+        and the FLOPs share are relative to the requested count."""
+        self.requested_steps = requested
+        scheduler = self.clock.source
+
+        def timesteps_for(steps: int) -> torch.Tensor:
+            return preview_timesteps(scheduler, steps)
+
+        partition = self.mask.early_partition(self.config, tuple(self.transformer.config.patch_size))
+        return plan.solver_steps(self.transformer, self.config, requested, partition=partition,
+                                 text_len=self.text_len_hint, timesteps_for=timesteps_for)
 
     def end_call(self) -> None:
         if self.graphs is not None and self.graphs.failure is not None:
@@ -238,13 +262,13 @@ class HetCacheEngine:
         branch = ctx.branch
         hidden_in = branch.hidden_in.float()
         if ctx.kind == "F":
-            self.store.keep_residual(branch.cache, hidden_states - hidden_in, branch.hidden_in.dtype,
+            self.store.keep_residual(branch.cache, hidden_states - hidden_in, branch.hidden_in.dtype, ctx.time,
                                      ctx.update.in_place)
             if ctx.select_now:
                 self.session.select_context(ctx.index, hidden_states, ctx.scores)
             return hidden_states
-        full = hidden_in + branch.cache.residual.float()
+        full = hidden_in + self.store.residual(branch.cache, ctx.update.weights).float()
         full.index_copy_(1, ctx.rows, hidden_states)
         fresh = hidden_states - hidden_in.index_select(1, ctx.rows)
-        self.store.update_residual_rows(branch.cache, ctx.rows, fresh, ctx.update.blend)
+        self.store.update_residual_rows(branch.cache, ctx.rows, fresh, ctx.update.blend, ctx.time)
         return full

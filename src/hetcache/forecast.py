@@ -28,8 +28,10 @@ class SampleTimes:
     def slots(self) -> int:
         return self.times.shape[0]
 
-    def push(self, rows: torch.Tensor | None, time: float) -> None:
-        """Rows `rows` (None: all) were computed at `time`."""
+    def push(self, rows: torch.Tensor | None, time: torch.Tensor) -> None:
+        """Rows `rows` (None: all) were computed at `time` (a one-element tensor: it stays on the device, so a
+        CUDA graph reads the step's own timestep)."""
+        time = time.reshape(()).to(self.times.dtype)
         if rows is None:
             self.times[:-1] = self.times[1:].clone()
             self.times[-1] = time
@@ -38,13 +40,13 @@ class SampleTimes:
         self.times[:-1].index_copy_(1, rows, shifted[1:].clone())
         self.times[-1].index_fill_(0, rows, time)
 
-    def weights(self, time: float) -> torch.Tensor:
-        """Lagrange weights [slots, N] (float32) that extrapolate each row's samples to `time`.
+    def weights(self, time: torch.Tensor) -> torch.Tensor:
+        """Lagrange weights [slots, N] (float64) that extrapolate each row's samples to `time`.
 
         Each row uses as many of its latest samples as it has, up to all slots (one sample: hold; two: linear;
         three: quadratic); weights of missing samples are 0. Polynomials of that degree are reproduced exactly.
         """
-        times = self.times
+        times, time = self.times, time.reshape(()).to(self.times.dtype)
         present = ~torch.isnan(times)
         weights = torch.zeros_like(times)
         for k in range(self.slots):
@@ -54,7 +56,7 @@ class SampleTimes:
                     factor = (time - times[j]) / (times[k] - times[j])
                     basis = basis * torch.where(present[j], factor, torch.ones_like(factor))
             weights[k] = torch.where(present[k], basis, torch.zeros_like(basis))
-        return weights.float()
+        return weights
 
 
 class RowHistory:
@@ -84,6 +86,8 @@ class RowHistory:
         values[-1].index_copy_(1, rows, fresh)
 
     def forecast(self, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """sum_k weights[k, row] * sample_k: [B, N, ...] in `dtype` (float32 arithmetic)."""
+        """sum_k weights[k, row] * sample_k: [B, N, ...] in `dtype` (float32 arithmetic, float64 for float64
+        samples)."""
+        compute = torch.promote_types(self.values.dtype, torch.float32)
         shape = (weights.shape[0], 1, weights.shape[1]) + (1,) * (self.values.dim() - 3)
-        return (weights.view(shape) * self.values.float()).sum(dim=0).to(dtype)
+        return (weights.to(compute).view(shape) * self.values.to(compute)).sum(dim=0).to(dtype)

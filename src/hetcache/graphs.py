@@ -75,11 +75,12 @@ class PartialGraphs:
         args: tuple,
         kwargs: dict,
         forward: Callable[..., Any],
-        use_rows: Callable[[torch.Tensor], None],
+        use_inputs: Callable[[torch.Tensor, tuple, dict], None],
     ) -> Any:
         """forward(*args, **kwargs) for a PARTIAL step computing `rows`, replayed from a graph where one exists.
 
-        `use_rows(buffer)` makes the engine derive everything row-dependent of this call from `buffer`.
+        `use_inputs(rows, args, kwargs)` makes the engine derive everything that depends on the rows or the call's
+        arguments (the timestep) from the graph's own buffers.
         """
         flat, spec = pytree.tree_flatten((args, kwargs))
         key = (branch, int(rows.numel()), str(spec), *(_signature(value) for value in flat))
@@ -88,7 +89,7 @@ class PartialGraphs:
             if self.failure is not None or key not in self._warm:
                 self._warm.add(key)
                 return forward(*args, **kwargs)
-            captured = self._capture(key, flat, spec, rows, forward, use_rows)
+            captured = self._capture(key, flat, spec, rows, forward, use_inputs)
             if captured is None:
                 return forward(*args, **kwargs)
         else:
@@ -101,7 +102,8 @@ class PartialGraphs:
                                captured.output)
 
     def _capture(self, key: tuple, flat: list, spec: pytree.TreeSpec, rows: torch.Tensor,
-                 forward: Callable[..., Any], use_rows: Callable[[torch.Tensor], None]) -> CapturedForward | None:
+                 forward: Callable[..., Any],
+                 use_inputs: Callable[[torch.Tensor, tuple, dict], None]) -> CapturedForward | None:
         inputs = [value.clone() if isinstance(value, torch.Tensor) else value for value in flat]
         static_rows = rows.clone()
         args, kwargs = pytree.tree_unflatten(inputs, spec)
@@ -110,7 +112,7 @@ class PartialGraphs:
         try:
             with torch.cuda.stream(stream):  # the caller's stream comes back however the capture ends
                 with torch.cuda.graph(graph, stream=stream):
-                    use_rows(static_rows)  # inside: what derives from the rows is recomputed at each replay
+                    use_inputs(static_rows, args, kwargs)  # inside: what derives from them is recomputed at replay
                     output = forward(*args, **kwargs)
         except Exception as error:
             self.failure = f"{type(error).__name__}: {error}"
@@ -118,7 +120,7 @@ class PartialGraphs:
                 self.failure += f" (after {type(error.__context__).__name__}: {error.__context__})"
             self.failure = self.failure[:400]
             self.clear()
-            use_rows(rows)
+            use_inputs(rows, *pytree.tree_unflatten(flat, spec))
             return None
         captured = CapturedForward(graph, inputs, static_rows, output)
         self._captured[key] = captured

@@ -60,12 +60,16 @@ class TransformerHook(ModelHook):
         ctx = self.engine.begin_call(hidden_states, timestep, text, branch, name)
         try:
             if ctx.kind == "P" and self.engine.graphs_active:
-                return self.engine.graphs.run(name, ctx.rows, args, kwargs, self.fn_ref.original_forward,
-                                              self.engine.use_rows)
+                def use_inputs(rows: torch.Tensor, static_args: tuple, static_kwargs: dict) -> None:
+                    timestep = call_argument(type(module).forward, static_args, static_kwargs, "timestep")
+                    self.engine.use_rows(rows, timestep)
+
+                return self.engine.graphs.run(name, ctx.rows, args, kwargs, self.fn_ref.original_forward, use_inputs)
             if ctx.kind != "R":
                 return self.fn_ref.original_forward(*args, **kwargs)
             with torch.no_grad():
-                output = reuse_forward(module, hidden_states, timestep, text, branch.cache.residual)
+                residual = self.engine.store.residual(branch.cache, ctx.update.weights)
+                output = reuse_forward(module, hidden_states, timestep, text, residual)
             return Transformer2DModelOutput(sample=output) if argument("return_dict") else (output,)
         finally:
             self.engine.end_call()

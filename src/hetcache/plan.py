@@ -8,7 +8,7 @@ threshold `delta` on the accumulated change of e_t, or is solved from a budget (
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -263,8 +263,14 @@ def resolve_plan(
     *,
     timesteps: torch.Tensor | None,
     num_steps: int | None,
+    requested_steps: int | None = None,
 ) -> tuple[str, float | None, list[str]]:
-    """The step plan for one video: a fixed string, or thresholds / a budget over the timestep signal."""
+    """The step plan for one video: a fixed string, or thresholds / a budget over the timestep signal.
+
+    `timesteps` are those of the solver steps that run (S' of them); `requested_steps` (S, default S') is the step
+    count the user asked for, which a budget is relative to: a plan of S' steps may spend budget x S / S' FULL
+    steps' worth per step.
+    """
     notes: list[str] = []
     if config.plan is not None:
         if num_steps is not None and len(config.plan) != num_steps:
@@ -272,26 +278,77 @@ def resolve_plan(
         return validate_plan(config.plan, len(config.plan)), None, notes
     if timesteps is None:
         raise ValueError("threshold and budget plans need the timesteps: use a pipeline, or pass timesteps= to enable")
-    signal = timestep_modulations(transformer, timesteps)
-    coefficients = TEACACHE_WAN21_COEFFICIENTS.get(model_family(transformer.config) or "")
-    distances = step_distances(signal, coefficients)
-    guards = dict(kappa=config.kappa, warmup_steps=config.warmup_steps, max_reuse=config.max_reuse,
-                  refresh_every=config.refresh_every)
     if config.budget is None:
-        return plan_from_distances(distances, config.delta, **guards), config.delta, notes
+        distances = model_distances(transformer, timesteps)
+        return plan_from_distances(distances, config.delta, **_guards(config)), config.delta, notes
+    delta, letters, share = _budget_plan(transformer, config, partition, text_len, timesteps, requested_steps)
+    if share > config.budget + 1e-9:
+        notes.append(f"budget {config.budget:.2f} is below what the plan guards allow; cheapest plan costs {share:.2f}")
+    return letters, delta, notes
+
+
+def model_distances(transformer: torch.nn.Module, timesteps: torch.Tensor) -> list[float]:
+    """d_t of every step from the model's own timestep modulation and its family's TeaCache polynomial."""
+    coefficients = TEACACHE_WAN21_COEFFICIENTS.get(model_family(transformer.config) or "")
+    return step_distances(timestep_modulations(transformer, timesteps), coefficients)
+
+
+def _guards(config: HetCacheConfig) -> dict[str, Any]:
+    return dict(kappa=config.kappa, warmup_steps=config.warmup_steps, max_reuse=config.max_reuse,
+                refresh_every=config.refresh_every)
+
+
+def _budget_plan(transformer: torch.nn.Module, config: HetCacheConfig, partition: tokens.TokenPartition,
+                 text_len: int, timesteps: torch.Tensor, requested_steps: int | None) -> tuple[float, str, float]:
+    """(delta, letters, cost as a share of `requested_steps` dense steps) of the budget's plan over `timesteps`."""
+    distances = model_distances(transformer, timesteps)
+    costs = step_costs(transformer, partition, config, text_len)
+    scale = (requested_steps or len(distances)) / len(distances)
+    delta, letters = solve_budget(distances, min(1.0, config.budget * scale), **costs, **_guards(config))
+    return delta, letters, plan_cost(letters, **costs) / (len(letters) * scale * costs["full_cost"])
+
+
+def step_costs(transformer: torch.nn.Module, partition: tokens.TokenPartition, config: HetCacheConfig,
+               text_len: int) -> dict[str, float]:
+    """Analytic FLOPs of one FULL, PARTIAL and REUSE call for this video (text K/V cached)."""
     shape = flops.ModelShape.from_config(transformer.config)
     n = partition.num_tokens
     rows = partial_row_count(partition, config)
-    costs = dict(
+    return dict(
         full_cost=flops.forward_flops(shape, n, n, text_len, text_kv=False),
         partial_cost=flops.forward_flops(shape, n, rows, text_len, text_kv=False),
         reuse_cost=flops.forward_flops(shape, n, 0, text_len, text_kv=False),
     )
-    delta, letters = solve_budget(distances, config.budget, **costs, **guards)
-    achieved = plan_cost(letters, **costs) / (len(letters) * costs["full_cost"])
-    if achieved > config.budget + 1e-9:
-        notes.append(f"budget {config.budget:.2f} is below what the plan guards allow; cheapest plan costs {achieved:.2f}")
-    return letters, delta, notes
+
+
+def solver_steps(
+    transformer: torch.nn.Module,
+    config: HetCacheConfig,
+    requested_steps: int,
+    *,
+    partition: tokens.TokenPartition | None = None,
+    text_len: int = 512,
+    timesteps_for: Callable[[int], torch.Tensor] | None = None,
+) -> int:
+    """S': how many of the `requested_steps` solver steps run (the scheduler is set to S' steps over the same
+    noise range).
+
+    `step_fraction` gives it directly (rounded, at least 1). A `budget` without `step_fraction` solves it jointly
+    with the letters: the largest S' whose plan meets the budget (relative to `requested_steps` dense steps);
+    that needs the token counts (`partition`) and the timesteps of any step count (`timesteps_for`). Otherwise
+    every requested step runs.
+    """
+    if config.step_fraction is not None:
+        return max(1, round(requested_steps * config.step_fraction))
+    if config.budget is None or config.plan is not None:
+        return requested_steps
+    if partition is None or timesteps_for is None:
+        raise ValueError("a budget plan needs the mask to choose its solver steps: pass mask=")
+    for steps in range(requested_steps, 0, -1):
+        _, _, share = _budget_plan(transformer, config, partition, text_len, timesteps_for(steps), requested_steps)
+        if share <= config.budget + 1e-9:
+            return steps
+    return 1
 
 
 def partial_row_count(partition: tokens.TokenPartition, config: HetCacheConfig) -> int:

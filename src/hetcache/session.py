@@ -7,6 +7,8 @@ when the pipeline resets its hooks or a call starts the video again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from hetcache import flops, plan, select, tokens
@@ -20,6 +22,16 @@ SCORE_QUERIES = 1024
 KMEANS_POINTS = 2048
 
 
+def pixel_partition(config: HetCacheConfig, pixel_mask: torch.Tensor, patch_size: tuple[int, int, int],
+                    num_reference_frames: int = 0) -> tokens.TokenPartition:
+    """The partition of a video whose pixel mask [F, H, W] (True = generate) is known before any transformer call."""
+    frames, rows, cols = tokens.latent_grid(tuple(pixel_mask.shape), patch_size)
+    return tokens.partition_from_pixel_mask(
+        pixel_mask, (frames + num_reference_frames, rows, cols), margin=config.margin,
+        gen_threshold=config.gen_threshold, temporal_margin=config.temporal_margin,
+        num_reference_frames=num_reference_frames)
+
+
 class EditMask:
     """Where the edit mask comes from: a pipeline call (recorded by `enable`'s `prepare_masks` wrapper) or the user
     (`enable(..., mask=)` / `set_mask`, for direct transformer calls)."""
@@ -27,6 +39,23 @@ class EditMask:
     def __init__(self) -> None:
         self.user: tuple[torch.Tensor, bool] | None = None  # (mask, is_token_coverage)
         self.call: tuple[torch.Tensor, int] | None = None  # (pixel mask, reference frames) of a pipeline call
+        # A pipeline call's mask as its input check sees it, before the scheduler is set: (pixel mask maker,
+        # reference frames). Made only when the solver step count depends on it.
+        self.early: tuple[Callable[[], torch.Tensor], int] | None = None
+
+    def early_partition(self, config: HetCacheConfig, patch_size: tuple[int, int, int]) -> tokens.TokenPartition | None:
+        """The partition before the first transformer call: from the pipeline call's input or the user's pixel
+        mask (None when neither is known)."""
+        if self.early is not None:
+            make_mask, references = self.early
+            return pixel_partition(config, make_mask(), patch_size, references)
+        if self.user is not None and not self.user[1]:
+            return pixel_partition(config, self.user[0] > 0.5, patch_size)
+        if self.user is not None:
+            return tokens.partition_tokens(self.user[0].float(), margin=config.margin,
+                                           gen_threshold=config.gen_threshold,
+                                           temporal_margin=config.temporal_margin)
+        return None
 
     def partition(self, config: HetCacheConfig, grid: tuple[int, int, int], device: torch.device) -> tokens.TokenPartition:
         options = dict(margin=config.margin, gen_threshold=config.gen_threshold, temporal_margin=config.temporal_margin)
@@ -57,10 +86,14 @@ class VideoSession:
     """The partition, plan and selection of one video, and the stats of its calls."""
 
     def __init__(self, config: HetCacheConfig, shape: flops.ModelShape, partition: tokens.TokenPartition,
-                 letters: str, delta: float | None, notes: list[str], text_len: int, first_branch: str) -> None:
+                 letters: str, delta: float | None, notes: list[str], text_len: int, first_branch: str,
+                 requested_steps: int | None = None) -> None:
         self.config, self.shape, self.partition = config, shape, partition
         self.plan, self.text_len, self.first_branch = letters, text_len, first_branch
-        self.stats = CacheStats(planned=letters, delta=delta, tokens=partition.counts(), notes=notes)
+        requested = requested_steps or len(letters)
+        self.dense_scale = requested / len(letters) if letters else 1.0  # dense steps per solver step run
+        self.stats = CacheStats(planned=letters, delta=delta, tokens=partition.counts(), notes=notes,
+                                requested_steps=requested)
         self.generative_flags = partition.labels() == tokens.GENERATIVE
         self.context_choice: torch.Tensor | None = None
         self.selection_step = -1
@@ -108,7 +141,8 @@ class VideoSession:
         """Analytic FLOPs of one call (and of its dense counterpart), and its letter."""
         n = self.partition.num_tokens
         self.stats.flops += flops.forward_flops(self.shape, n, computed, self.text_len, text_kv=text_kv and computed > 0)
-        self.stats.dense_flops += flops.forward_flops(self.shape, n, n, self.text_len, text_kv=True)
+        dense = flops.forward_flops(self.shape, n, n, self.text_len, text_kv=True)
+        self.stats.dense_flops += dense * self.dense_scale  # the stock pipeline runs every requested step
         self.stats.record(branch, kind, computed, branch == self.first_branch)
 
     # ------------------------------------------------------------------------------------------- selection
@@ -156,15 +190,18 @@ class VideoSession:
 
 def start_session(transformer: torch.nn.Module, config: HetCacheConfig, mask: EditMask,
                   grid: tuple[int, int, int], device: torch.device, text_len: int, timesteps: torch.Tensor | None,
-                  num_steps: int | None, first_branch: str) -> VideoSession:
-    """The session of a video whose first call has token grid `grid`: partition, then the plan for its steps."""
+                  num_steps: int | None, first_branch: str, requested_steps: int | None = None) -> VideoSession:
+    """The session of a video whose first call has token grid `grid`: partition, then the plan for its steps
+    (`timesteps`: the solver steps that run; `requested_steps`: how many the caller asked for, when more)."""
     partition = mask.partition(config, grid, device)
     if timesteps is not None:
         num_steps = len(timesteps)
     elif config.plan is not None:
         num_steps = len(config.plan)
+    if requested_steps is not None and num_steps is not None and requested_steps < num_steps:
+        requested_steps = None  # the scheduler was set again without the wrapper: every step runs
     letters, delta, notes = plan.resolve_plan(
-        transformer, config, partition, text_len, timesteps=timesteps, num_steps=num_steps
-    )
+        transformer, config, partition, text_len, timesteps=timesteps, num_steps=num_steps,
+        requested_steps=requested_steps)
     shape = flops.ModelShape.from_config(transformer.config)
-    return VideoSession(config, shape, partition, letters, delta, notes, text_len, first_branch)
+    return VideoSession(config, shape, partition, letters, delta, notes, text_len, first_branch, requested_steps)

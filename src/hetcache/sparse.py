@@ -15,11 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from hetcache import compat
+
+if TYPE_CHECKING:
+    from hetcache.store import LayerKV, RowUpdate
 
 
 @dataclass
@@ -52,44 +56,6 @@ class RowRope:
         out[..., 0::2] = x1 * self.cos - x2 * self.sin
         out[..., 1::2] = x1 * self.sin + x2 * self.cos
         return out
-
-
-@dataclass
-class LayerKV:
-    """Self-attention keys and values of every token for one layer and one CFG branch: [B, N, heads, head_dim]."""
-
-    key: torch.Tensor | None = None
-    value: torch.Tensor | None = None
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.key, self.value) if t is not None)
-
-
-@dataclass
-class RowUpdate:
-    """Where the computed rows go in the buffers, and how they are blended."""
-
-    index: torch.Tensor | None  # sorted token indices of the rows; None = all tokens (a FULL step)
-    blend: torch.Tensor | None = None  # [n] float weight of the OLD value per row (EMA); None = replace
-    cache_dtype: torch.dtype | None = None
-    in_place: bool = False  # FULL steps write K/V into the engine's buffers (CUDA graphs read them by address)
-
-
-def blend_rows(buffer: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor, blend: torch.Tensor | None,
-               old: torch.Tensor | None = None) -> None:
-    """buffer[:, index] = fresh, or blend * old + (1 - blend) * fresh per row when `blend` is given.
-
-    `old` defaults to the rows currently in the buffer.
-    """
-    if blend is not None:
-        old = buffer.index_select(1, index) if old is None else old
-        weight = blend.view(1, -1, *([1] * (fresh.dim() - 2))).float()
-        fresh = torch.lerp(fresh.float(), old.float(), weight)
-    fresh = fresh.to(buffer.dtype)
-    if buffer.element_size() == 1:  # float8 caches: index_copy_ has no float8 kernels, bytes move the same
-        buffer.view(torch.uint8).index_copy_(1, index, fresh.view(torch.uint8))
-    else:
-        buffer.index_copy_(1, index, fresh)
 
 
 def text_key_value(attn: torch.nn.Module, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,25 +98,11 @@ def _self_attention(
     query = rope.apply(attn.norm_q(query).unflatten(2, (attn.heads, -1)))
     key = rope.apply(attn.norm_k(key).unflatten(2, (attn.heads, -1)))
     value = value.unflatten(2, (attn.heads, -1))
-    index, blend = update.index, update.blend
-    if index is None:
-        if update.in_place:
-            kv.key.copy_(key)
-            kv.value.copy_(value)
-        else:  # no copy when the cache dtype is the compute dtype
-            dtype = update.cache_dtype or key.dtype
-            kv.key, kv.value = key.to(dtype), value.to(dtype)
-    else:
-        # Attention sees the fresh rows; with EMA the blended rows are stored afterwards.
-        old = None if blend is None else (kv.key.index_select(1, index), kv.value.index_select(1, index))
-        blend_rows(kv.key, index, key, None)
-        blend_rows(kv.value, index, value, None)
+    keys, values = kv.exchange(key, value, update)
     if probe is not None:
-        probe(query, kv.key)
-    out = _attend(attn, query, kv.key.to(query.dtype), kv.value.to(query.dtype))
-    if index is not None and blend is not None:
-        blend_rows(kv.key, index, key, blend, old[0])
-        blend_rows(kv.value, index, value, blend, old[1])
+        probe(query, keys)
+    out = _attend(attn, query, keys, values)
+    kv.settle(key, value, update)
     return out
 
 

@@ -1,20 +1,140 @@
 """The cache store: the one place that owns what HetCache keeps between steps, per CFG branch.
 
-Per branch (`BranchCache`): each main and VACE layer's self-attention K (after norm and RoPE) and V of every token,
-the text K/V of each cross-attention (step-invariant, made once per text), and the residual R = h_out - h_in of
-the whole block stack. `CacheStore` decides their dtype (`cache_dtype`) and whether FULL steps write into the
-existing buffers (in place, which CUDA graphs need because they read by address) or replace them.
+Per branch (`BranchCache`): each main and VACE layer's self-attention K (after norm and RoPE) and V of every token
+(`LayerKV`), the text K/V of each cross-attention (step-invariant, made once per text), and the residual
+R = h_out - h_in of the whole block stack.
+
+What the maths reads is never rounded: a FULL step attends to the K/V it just computed, a PARTIAL step to its
+fresh rows plus the stored rows of the others in the compute dtype; only the stored copies take `cache_dtype`
+(the residual keeps the model's compute dtype). With `reuse="hold"` the stored value of a row is its last computed one;
+with "linear" / "quadratic" the store keeps a row's last two / three samples and their timesteps, and what is
+read for rows not computed now is their extrapolation to this step's timestep (`forecast.py`).
+
+In place mode (CUDA graphs, which read buffers by address) allocates every buffer once per video and only ever
+writes into it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from hetcache.sparse import LayerKV, blend_rows, text_key_value
+from hetcache.forecast import ORDERS, RowHistory, SampleTimes
+from hetcache.sparse import text_key_value
 
 
 def _bytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def blend_rows(buffer: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor, blend: torch.Tensor | None,
+               old: torch.Tensor | None = None) -> None:
+    """buffer[:, index] = fresh, or blend * old + (1 - blend) * fresh per row when `blend` is given.
+
+    `old` defaults to the rows currently in the buffer.
+    """
+    fresh = ema(fresh, buffer.index_select(1, index) if old is None and blend is not None else old, blend)
+    fresh = fresh.to(buffer.dtype)
+    if buffer.element_size() == 1:  # float8 caches: index_copy_ has no float8 kernels, bytes move the same
+        buffer.view(torch.uint8).index_copy_(1, index, fresh.view(torch.uint8))
+    else:
+        buffer.index_copy_(1, index, fresh)
+
+
+def ema(fresh: torch.Tensor, old: torch.Tensor | None, blend: torch.Tensor | None) -> torch.Tensor:
+    """blend * old + (1 - blend) * fresh per row (float32), or `fresh` itself without `blend`."""
+    if blend is None:
+        return fresh
+    weight = blend.view(1, -1, *([1] * (fresh.dim() - 2))).float()
+    return torch.lerp(fresh.float(), old.float(), weight)
+
+
+@dataclass
+class RowUpdate:
+    """What a call computes and how its rows reach the caches; read by every block of the call."""
+
+    index: torch.Tensor | None  # sorted token indices of the rows; None = all tokens (a FULL step)
+    blend: torch.Tensor | None = None  # [n] float weight of the OLD value per row (EMA); None = replace
+    cache_dtype: torch.dtype | None = None
+    in_place: bool = False  # FULL steps write into the existing buffers (CUDA graphs read them by address)
+    weights: torch.Tensor | None = None  # forecast weights [slots, N] at this step (None: hold)
+
+
+class LayerKV:
+    """Self-attention keys and values of every token for one layer and one CFG branch: [B, N, heads, head_dim].
+
+    `exchange` gives attention what it reads and stores the fresh rows; `settle` finishes the store after
+    attention (EMA blends, and rows that attention must still read fresh).
+    """
+
+    def __init__(self) -> None:
+        self.key: torch.Tensor | None = None  # hold: the stored K/V
+        self.value: torch.Tensor | None = None
+        self.history: tuple[RowHistory, RowHistory] | None = None  # forecast: the last samples of K and V
+        self._old: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def nbytes(self) -> int:
+        if self.history is not None:
+            return sum(h.nbytes() for h in self.history)
+        return _bytes(self.key) + _bytes(self.value)
+
+    def allocate(self, like: torch.Tensor, dtype: torch.dtype, slots: int) -> None:
+        """Buffers shaped like `like` [B, N, heads, head_dim] (kept when they already fit)."""
+        if slots:
+            if self.history is None or self.history[0].values.shape[1:] != like.shape:
+                self.history = (RowHistory(slots, like, dtype), RowHistory(slots, like, dtype))
+        elif self.key is None or self.key.shape != like.shape or self.key.dtype != dtype:
+            self.key = torch.empty(like.shape, dtype=dtype, device=like.device)
+            self.value = torch.empty_like(self.key)
+
+    def _aliased(self, key: torch.Tensor) -> bool:
+        """Attention reads the stored buffer itself (hold, stored in the compute dtype)."""
+        return self.history is None and self.key.dtype == key.dtype
+
+    def exchange(self, key: torch.Tensor, value: torch.Tensor, update: RowUpdate) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V attention reads for fresh rows `key`, `value` ([B, n, heads, head_dim]): every token, the fresh
+        rows at full precision. Stores the fresh rows (or leaves that to `settle`)."""
+        index, dtype = update.index, update.cache_dtype or key.dtype
+        if index is None:  # FULL: attention reads what was just computed
+            if self.history is not None:
+                self.history[0].push(None, key)
+                self.history[1].push(None, value)
+            elif update.in_place:
+                self.key.copy_(key)
+                self.value.copy_(value)
+            else:  # no copy when the cache dtype is the compute dtype
+                self.key, self.value = key.to(dtype), value.to(dtype)
+            return key, value
+        if self.history is not None:
+            keys = self.history[0].forecast(update.weights, key.dtype)
+            values = self.history[1].forecast(update.weights, key.dtype)
+            old = (self.history[0].latest().index_select(1, index), self.history[1].latest().index_select(1, index))
+        else:
+            old = (self.key.index_select(1, index), self.value.index_select(1, index))
+            if self._aliased(key):
+                self._old = old if update.blend is not None else None
+                blend_rows(self.key, index, key, None)
+                blend_rows(self.value, index, value, None)
+                return self.key, self.value
+            keys, values = self.key.to(key.dtype), self.value.to(key.dtype)
+        self._old = old
+        keys.index_copy_(1, index, key)
+        values.index_copy_(1, index, value)
+        return keys, values
+
+    def settle(self, key: torch.Tensor, value: torch.Tensor, update: RowUpdate) -> None:
+        """After attention: store the rows of a PARTIAL step that `exchange` left (EMA-blended when asked)."""
+        index, old = update.index, self._old
+        self._old = None
+        if index is None or (old is None and self._aliased(key)):
+            return
+        if self.history is not None:
+            self.history[0].push(index, ema(key, old[0], update.blend))
+            self.history[1].push(index, ema(value, old[1], update.blend))
+            return
+        blend_rows(self.key, index, key, update.blend, old[0])
+        blend_rows(self.value, index, value, update.blend, old[1])
 
 
 class BranchCache:
@@ -24,36 +144,42 @@ class BranchCache:
         self.kv: dict[tuple[str, int], LayerKV] = {}  # ("main" | "vace", layer) -> K/V of every token
         self.text_kv: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.text_source: torch.Tensor | None = None  # the text the text K/V were made from
-        self.residual: torch.Tensor | None = None  # [1, N, dim]
+        self.residual: torch.Tensor | None = None  # hold: [1, N, dim]
+        self.residual_history: RowHistory | None = None  # forecast: its last samples
+        self.times: SampleTimes | None = None  # forecast: when each row's samples were computed
 
     def layer(self, kind: str, layer: int) -> LayerKV:
         """The K/V of main (`kind` "main") or VACE ("vace") layer `layer` (empty before the first FULL step)."""
         return self.kv.setdefault((kind, layer), LayerKV())
 
+    @property
+    def ready(self) -> bool:
+        """Whether a FULL step has filled the caches (REUSE and PARTIAL need them)."""
+        return self.residual is not None or self.residual_history is not None
+
     def nbytes(self) -> int:
         total = sum(kv.nbytes() for kv in self.kv.values())
         total += sum(_bytes(k) + _bytes(v) for k, v in self.text_kv.values())
-        return total + _bytes(self.residual)
+        history = 0 if self.residual_history is None else self.residual_history.nbytes()
+        return total + _bytes(self.residual) + history
 
 
 class CacheStore:
-    """Allocation and dtype of every branch's buffers."""
+    """Allocation, dtype and forecast order of every branch's buffers."""
 
-    def __init__(self, cache_dtype: torch.dtype | None, heads: int) -> None:
+    def __init__(self, cache_dtype: torch.dtype | None, heads: int, reuse: str = "hold") -> None:
         self.cache_dtype = cache_dtype
         self.heads = heads
+        self.slots = ORDERS[reuse] + 1 if reuse != "hold" else 0  # samples kept per row (0: hold)
 
     def layer_kv(self, cache: BranchCache, kind: str, layer: int, hidden: torch.Tensor, num_tokens: int,
                  in_place: bool) -> LayerKV:
         """The layer's K/V. In place mode allocates them here, once per video, so the block maths always writes
         into existing tensors (and compiled code sees one kind of argument)."""
         kv = cache.layer(kind, layer)
-        if in_place:
-            shape = (hidden.shape[0], num_tokens, self.heads, hidden.shape[-1] // self.heads)
-            dtype = self.cache_dtype or hidden.dtype
-            if kv.key is None or kv.key.shape != shape or kv.key.dtype != dtype:
-                kv.key = torch.empty(shape, dtype=dtype, device=hidden.device)
-                kv.value = torch.empty_like(kv.key)
+        if in_place or self.slots:
+            like = hidden.new_empty((hidden.shape[0], num_tokens, self.heads, hidden.shape[-1] // self.heads))
+            kv.allocate(like, self.cache_dtype or hidden.dtype, self.slots)
         return kv
 
     def text_kv(self, cache: BranchCache, kind: str, layer: int, attn: torch.nn.Module,
@@ -71,18 +197,48 @@ class CacheStore:
         cache.text_source = text
         return True
 
-    def keep_residual(self, cache: BranchCache, residual: torch.Tensor, compute_dtype: torch.dtype,
+    # ---------------------------------------------------------------------------------------------- forecast
+    def forecast_weights(self, cache: BranchCache, time: torch.Tensor) -> torch.Tensor | None:
+        """Per-row weights that extrapolate the stored samples to `time` (None with hold or before any sample)."""
+        if not self.slots or cache.times is None:
+            return None
+        return cache.times.weights(time)
+
+    def _record_time(self, cache: BranchCache, rows: torch.Tensor | None, time: torch.Tensor,
+                     num_rows: int, device: torch.device) -> None:
+        if cache.times is None:
+            cache.times = SampleTimes(self.slots, num_rows, device)
+        cache.times.push(rows, time)
+
+    # ---------------------------------------------------------------------------------------------- residual
+    def residual(self, cache: BranchCache, weights: torch.Tensor | None) -> torch.Tensor:
+        """R of every token for this step: the stored one, or its forecast with `weights`."""
+        if cache.residual_history is None:
+            return cache.residual
+        return cache.residual_history.forecast(weights, torch.float32)
+
+    def keep_residual(self, cache: BranchCache, residual: torch.Tensor, dtype: torch.dtype, time: torch.Tensor,
                       in_place: bool) -> None:
-        """Store a FULL step's residual of every token."""
-        dtype = self.cache_dtype or compute_dtype
+        """Store a FULL step's residual of every token in `dtype` (the compute dtype: never `cache_dtype`), computed
+        at `time`."""
+        if self.slots:
+            if cache.residual_history is None or cache.residual_history.values.shape[1:] != residual.shape:
+                cache.residual_history = RowHistory(self.slots, residual, dtype)
+            cache.residual_history.push(None, residual)
+            self._record_time(cache, None, time, residual.shape[1], residual.device)
+            return
         kept = cache.residual
         if in_place and kept is not None and kept.shape == residual.shape and kept.dtype == dtype:
             kept.copy_(residual)
         else:
             cache.residual = residual.to(dtype)
 
-    @staticmethod
-    def update_residual_rows(cache: BranchCache, rows: torch.Tensor, fresh: torch.Tensor,
-                             blend: torch.Tensor | None) -> None:
+    def update_residual_rows(self, cache: BranchCache, rows: torch.Tensor, fresh: torch.Tensor,
+                             blend: torch.Tensor | None, time: torch.Tensor) -> None:
         """Refresh the residual of the rows a PARTIAL step computed (blended with EMA weights when given)."""
-        blend_rows(cache.residual, rows, fresh, blend)
+        if cache.residual_history is None:
+            blend_rows(cache.residual, rows, fresh, blend)
+            return
+        old = cache.residual_history.latest().index_select(1, rows)
+        cache.residual_history.push(rows, ema(fresh, old, blend))
+        cache.times.push(rows, time)
