@@ -272,3 +272,18 @@ def test_graphs_only_where_partial_steps_are_small(model):
     assert not decision(cfg(plan="FP", margin=0, margin_ratio=0.0, context_ratio=0.0, cuda_graphs=False), cuda)
     assert not decision(cfg(plan="FF"), cuda)  # no PARTIAL step
     assert not decision(cfg(plan="FP"), cuda, box_mask(GRID, slice(0, 3), slice(0, 4)))  # 36 of 72 tokens
+
+
+def test_low_precision_cache_leaves_full_and_reuse_steps_exact(model):
+    """Only stored K/V copies take `cache_dtype`: a FULL step attends to what it just computed and the residual stays
+    in the compute dtype, so with a float8 cache FULL and REUSE outputs are those of the full-precision cache, bit
+    for bit (the PARTIAL step, which reads stored K/V rows, is the one that changes)."""
+    x = tiny_inputs(7)
+
+    def run(dtype):
+        hetcache.enable(model, cfg(plan="FRP", cache_dtype=dtype), mask=mask())
+        return [call(model, x, t) for t in (900.0, 900.0, 800.0)]
+
+    full_precision, float8 = run(None), run(torch.float8_e4m3fn)
+    assert torch.equal(full_precision[0], float8[0]) and torch.equal(full_precision[1], float8[1])
+    assert not torch.equal(full_precision[2], float8[2])

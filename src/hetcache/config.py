@@ -15,6 +15,7 @@ from hetcache.forecast import ORDERS
 from hetcache.select import SELECTION_STRATEGIES
 
 REUSE_MODES = tuple(ORDERS)
+CACHE_DEVICES = ("auto", "cuda", "cpu")
 
 
 # Budgets (fractions of dense FLOPs) of the two presets: the FLOPs ratios reported for HetCache-slow and
@@ -53,6 +54,13 @@ class HetCacheConfig:
       every cache buffer.
     - `cache_dtype`: dtype of the stored K/V (default: the model's dtype); what attention reads and the residual
       stay in the compute dtype.
+    - `cache_device`: where the K/V live. "cuda": on the model's device. "cpu": in pinned host memory (the host
+      tier, `hetcache.tier`): each layer's K/V are fetched to the GPU while the layer before computes and sent back
+      after, so only two layers' worth stay on the GPU. "auto" (default): on the model's device when the
+      estimate (`hetcache.memory`) fits its free memory with a margin, else on the host; the choice is in
+      `stats.notes`. On a CPU-only machine the host is the device ("cpu" then runs the tier's code anyway).
+    - `host_share`: with the cache on the host, the share of the layers kept there (spread over the execution
+      order); the others stay on the device.
     - `seed`: seeds k-means initialisation and the `random` strategy.
     - `compile`: run the engine's block maths through `torch.compile` (dynamic row counts, one graph shared by
       all blocks of a kind). On a GPU, PARTIAL steps with few rows are bound by kernel launches in eager mode;
@@ -84,6 +92,8 @@ class HetCacheConfig:
     step_fraction: float | None = None
     reuse: str = "hold"
     cache_dtype: torch.dtype | None = None
+    cache_device: str = "auto"
+    host_share: float = 1.0
     seed: int = 0
     compile: bool = False
     cuda_graphs: bool = True
@@ -116,6 +126,10 @@ class HetCacheConfig:
             raise ValueError(f"ema_alpha must be in [0, 1), got {self.ema_alpha}")
         if self.step_fraction is not None and not 0.0 < self.step_fraction <= 1.0:
             raise ValueError(f"step_fraction must be in (0, 1], got {self.step_fraction}")
+        if self.cache_device not in CACHE_DEVICES:
+            raise ValueError(f"cache_device must be one of {', '.join(CACHE_DEVICES)}, got {self.cache_device!r}")
+        if not 0.0 < self.host_share <= 1.0:
+            raise ValueError(f"host_share must be in (0, 1], got {self.host_share}")
         if self.reuse not in REUSE_MODES:
             raise ValueError(f"reuse must be one of {', '.join(REUSE_MODES)}, got {self.reuse!r}")
         if self.selection not in SELECTION_STRATEGIES:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from diffusers.hooks.hooks import BaseState
 
-from hetcache import flops, graphs, plan
+from hetcache import flops, graphs, memory, plan
 from hetcache.config import HetCacheConfig
 from hetcache.core import CacheStats, StepClock
 from hetcache.pipeline import preview_timesteps
@@ -123,6 +123,9 @@ class HetCacheEngine:
         session = self.session
         if self.graphs is None or self.graphs.failure is not None or not session.has_partial_steps:
             return False
+        if self.store.host is not None:
+            session.stats.note("CUDA graphs off: the host tier's copies run on their own streams beside the compute")
+            return False
         rows = plan.partial_row_count(session.partition, self.config)
         return graphs.capturable(self.transformer, device) and rows <= graphs.MAX_ROW_SHARE * session.partition.num_tokens
 
@@ -144,6 +147,11 @@ class HetCacheEngine:
             session = self.session = start_session(self.transformer, self.config, self.mask, grid,
                                                    hidden_states.device, text.shape[1], timesteps,
                                                    self.num_inference_steps, branch_name, self.requested_steps)
+            tier, note = memory.place_cache(self.transformer, self.config, session.partition.num_tokens,
+                                            text.shape[1], hidden_states.device)
+            self.store.use_host(tier)
+            if note:
+                session.stats.note(note)
             self.graphs_active = self._use_graphs(hidden_states.device)
         if session.partition.grid != grid:
             raise ValueError(f"the token grid changed mid-video ({session.partition.grid} -> {grid}); call hetcache.reset")
@@ -219,9 +227,10 @@ class HetCacheEngine:
         return x if rows is None else x.index_select(1, rows)
 
     def _buffers(self, kind: str, layer: int, block: torch.nn.Module, hidden: torch.Tensor, text: torch.Tensor) -> tuple:
-        cache, in_place = self.ctx.branch.cache, self.ctx.update.in_place
-        kv = self.store.layer_kv(cache, kind, layer, hidden, self.session.partition.num_tokens, in_place)
-        return kv, self.store.text_kv(cache, kind, layer, block.attn2, text)
+        ctx = self.ctx
+        kv = self.store.layer_kv(ctx.branch.cache, kind, layer, hidden, self.session.partition.num_tokens,
+                                 ctx.update.in_place, computes_all=ctx.rows is None)
+        return kv, self.store.text_kv(ctx.branch.cache, kind, layer, block.attn2, text)
 
     def main_block(self, block: torch.nn.Module, layer: int, hidden_states: torch.Tensor, text: torch.Tensor,
                    temb: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
@@ -235,8 +244,11 @@ class HetCacheEngine:
         kv, text_kv = self._buffers("main", layer, block, hidden_states, text)
         args = (block, hidden_states, temb, self._rope(rotary_emb), kv, text_kv, ctx.update)
         if ctx.select_now and layer == self.num_main - 1 and self.session.needs_scores:
-            return block_rows(*args, probe=self._score_probe)  # eager: the probe stays out of compiled graphs
-        return self.main_rows(*args)
+            out = block_rows(*args, probe=self._score_probe)  # eager: the probe stays out of compiled graphs
+        else:
+            out = self.main_rows(*args)
+        self.store.release(ctx.branch.cache, "main", layer, kv)
+        return out
 
     def vace_block(self, block: torch.nn.Module, layer: int, hidden_states: torch.Tensor, text: torch.Tensor,
                    control: torch.Tensor, temb: torch.Tensor,
@@ -249,7 +261,9 @@ class HetCacheEngine:
             control = self._gather(control)
             hidden_states = self._gather(hidden_states)
         kv, text_kv = self._buffers("vace", layer, block, hidden_states, text)
-        return self.vace_rows(block, hidden_states, control, temb, self._rope(rotary_emb), kv, text_kv, ctx.update)
+        out = self.vace_rows(block, hidden_states, control, temb, self._rope(rotary_emb), kv, text_kv, ctx.update)
+        self.store.release(ctx.branch.cache, "vace", layer, kv)
+        return out
 
     def _score_probe(self, query: torch.Tensor, keys: torch.Tensor) -> None:
         self.ctx.scores = self.session.interaction_scores(query, keys)

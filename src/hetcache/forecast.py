@@ -62,8 +62,8 @@ class SampleTimes:
 class RowHistory:
     """The last `slots` samples of a tensor [B, N, ...]: stored [slots, B, N, ...] in `dtype`."""
 
-    def __init__(self, slots: int, like: torch.Tensor, dtype: torch.dtype) -> None:
-        self.values = torch.zeros((slots, *like.shape), dtype=dtype, device=like.device)
+    def __init__(self, slots: int, like: torch.Tensor, dtype: torch.dtype, values: torch.Tensor | None = None) -> None:
+        self.values = torch.zeros((slots, *like.shape), dtype=dtype, device=like.device) if values is None else values
 
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size()

@@ -22,6 +22,7 @@ import torch
 
 from hetcache.forecast import ORDERS, RowHistory, SampleTimes
 from hetcache.sparse import text_key_value
+from hetcache.tier import HostTier
 
 
 def _bytes(tensor: torch.Tensor | None) -> int:
@@ -68,25 +69,46 @@ class LayerKV:
     attention (EMA blends, and rows that attention must still read fresh).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fixed: bool = False) -> None:
         self.key: torch.Tensor | None = None  # hold: the stored K/V
         self.value: torch.Tensor | None = None
         self.history: tuple[RowHistory, RowHistory] | None = None  # forecast: the last samples of K and V
+        self.fixed = fixed  # the buffers stay where they are: FULL steps write into them
+        self.slot = -1  # the host tier's working buffer set this view uses
         self._old: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def nbytes(self) -> int:
-        if self.history is not None:
-            return sum(h.nbytes() for h in self.history)
-        return _bytes(self.key) + _bytes(self.value)
+        return sum(_bytes(t) for t in self.buffers())
 
-    def allocate(self, like: torch.Tensor, dtype: torch.dtype, slots: int) -> None:
-        """Buffers shaped like `like` [B, N, heads, head_dim] (kept when they already fit)."""
+    def buffers(self) -> list[torch.Tensor]:
+        """The stored tensors ([K, V], or their sample histories), empty before allocation."""
+        if self.history is not None:
+            return [h.values for h in self.history]
+        return [t for t in (self.key, self.value) if t is not None]
+
+    def working(self, buffers: list[torch.Tensor], slot: int) -> LayerKV:
+        """A view of the same kind over other buffers (the host tier's device copies), written in place."""
+        view = LayerKV(fixed=True)
+        view.slot = slot
+        if self.history is not None:
+            view.history = tuple(RowHistory(0, b[0], b.dtype, values=b) for b in buffers)
+        else:
+            view.key, view.value = buffers
+        return view
+
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slots: int,
+                 pin: bool = False) -> None:
+        """Buffers of `shape` [B, N, heads, head_dim] (kept when they already fit); `pin` for host memory that
+        copies to the GPU asynchronously."""
+        current = self.buffers()
+        wanted = (slots, *shape) if slots else shape
+        if current and current[0].shape == wanted and current[0].dtype == dtype:
+            return
+        make = [torch.zeros(wanted, dtype=dtype, device=device, pin_memory=pin) for _ in range(2)]
         if slots:
-            if self.history is None or self.history[0].values.shape[1:] != like.shape:
-                self.history = (RowHistory(slots, like, dtype), RowHistory(slots, like, dtype))
-        elif self.key is None or self.key.shape != like.shape or self.key.dtype != dtype:
-            self.key = torch.empty(like.shape, dtype=dtype, device=like.device)
-            self.value = torch.empty_like(self.key)
+            self.history = tuple(RowHistory(0, b[0], dtype, values=b) for b in make)
+        else:
+            self.key, self.value = make
 
     def _aliased(self, key: torch.Tensor) -> bool:
         """Attention reads the stored buffer itself (hold, stored in the compute dtype)."""
@@ -100,7 +122,7 @@ class LayerKV:
             if self.history is not None:
                 self.history[0].push(None, key)
                 self.history[1].push(None, value)
-            elif update.in_place:
+            elif update.in_place or self.fixed:
                 self.key.copy_(key)
                 self.value.copy_(value)
             else:  # no copy when the cache dtype is the compute dtype
@@ -165,22 +187,53 @@ class BranchCache:
 
 
 class CacheStore:
-    """Allocation, dtype and forecast order of every branch's buffers."""
+    """Allocation, dtype, forecast order and place (device or host tier) of every branch's buffers."""
 
     def __init__(self, cache_dtype: torch.dtype | None, heads: int, reuse: str = "hold") -> None:
         self.cache_dtype = cache_dtype
         self.heads = heads
         self.slots = ORDERS[reuse] + 1 if reuse != "hold" else 0  # samples kept per row (0: hold)
+        self.host: HostTier | None = None  # the layers whose K/V live in host memory, and their copies
+
+    def use_host(self, tier: HostTier | None) -> None:
+        """Keep the K/V of `tier.on_host` layers in host memory from the next video on (None: every layer on the
+        device)."""
+        self.host = tier
 
     def layer_kv(self, cache: BranchCache, kind: str, layer: int, hidden: torch.Tensor, num_tokens: int,
-                 in_place: bool) -> LayerKV:
-        """The layer's K/V. In place mode allocates them here, once per video, so the block maths always writes
-        into existing tensors (and compiled code sees one kind of argument)."""
+                 in_place: bool, computes_all: bool) -> LayerKV:
+        """The K/V the layer's block works with. In place mode allocates them here, once per video, so the block
+        maths always writes into existing tensors (and compiled code sees one kind of argument). A host layer's
+        are device working buffers, fetched from the host unless this call computes every row (`computes_all`)
+        and keeps no samples, with the next host layer's fetch started behind them; `release` sends them back."""
         kv = cache.layer(kind, layer)
-        if in_place or self.slots:
-            like = hidden.new_empty((hidden.shape[0], num_tokens, self.heads, hidden.shape[-1] // self.heads))
-            kv.allocate(like, self.cache_dtype or hidden.dtype, self.slots)
-        return kv
+        shape = (hidden.shape[0], num_tokens, self.heads, hidden.shape[-1] // self.heads)
+        dtype = self.cache_dtype or hidden.dtype
+        host = self.host
+        if host is None or (kind, layer) not in host.on_host:
+            if in_place or self.slots:
+                kv.allocate(shape, dtype, hidden.device, self.slots)
+            return kv
+        kv.allocate(shape, dtype, torch.device("cpu"), self.slots, pin=hidden.device.type == "cuda")
+        fetch = not computes_all or bool(self.slots)
+        slot, buffers = host.acquire(id(cache), (kind, layer), kv.buffers(), fetch)
+        if fetch:
+            following = host.next_layer((kind, layer))
+            if following is not None and cache.layer(*following).buffers():
+                host.prefetch(id(cache), following, cache.layer(*following).buffers())
+        return kv.working(buffers, slot)
+
+    def release(self, cache: BranchCache, kind: str, layer: int, kv: LayerKV) -> None:
+        """The layer's block has run: a host layer's working buffers go back to the host."""
+        if kv.slot >= 0:
+            self.host.release(kv.slot, (kind, layer), cache.layer(kind, layer).buffers())
+
+    def device_nbytes(self, caches: list[BranchCache]) -> int:
+        """Bytes of every branch's buffers on the compute device (host layers' K/V count only as the working
+        buffers)."""
+        on_host = self.host.on_host if self.host is not None else set()
+        total = sum(c.nbytes() - sum(kv.nbytes() for key, kv in c.kv.items() if key in on_host) for c in caches)
+        return total + (self.host.nbytes() if self.host is not None else 0)
 
     def text_kv(self, cache: BranchCache, kind: str, layer: int, attn: torch.nn.Module,
                 text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
