@@ -72,3 +72,17 @@ def _small_model():
         text_dim=256, freq_dim=32, ffn_dim=64, num_layers=2, vace_layers=[0], vace_in_channels=96,
         rope_max_seq_len=64,
     ).eval()
+
+
+def test_gpu_memory_smoke_reports_every_run_and_target(tmp_path):
+    out = tmp_path / "memory.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_memory.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["wan_1_3b"]) == {"stock", "gpu_tier", "auto_capped_24gib", "half_on_host_capped_24gib",
+                                       "all_on_host_capped_24gib", "float8"}
+    assert report["wan_1_3b"]["float8"] == {"full_equal": True, "reuse_equal": True}
+    assert any("cache on the host" in note for note in report["wan_1_3b"]["all_on_host_capped_24gib"]["notes"])
+    assert {row["target"].split(" ")[0] for row in report["targets"]} == {"1.3B", "float8", "14B"}
+    assert report["wan_14b"]["gpu_tier"]["plan"] == "FFPRPF"

@@ -159,6 +159,7 @@ class HetCacheEngine:
         kind = session.kind(index)
         if not branch.cache.ready or branch.grid != grid:
             kind = "F"  # nothing cached for this branch yet
+        branch.cache.name = branch_name
         if self.store.use_text(branch.cache, text) and self.graphs is not None:
             self.graphs.clear()  # the graphs read the old text K/V
         branch.grid = grid

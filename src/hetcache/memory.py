@@ -103,12 +103,15 @@ def host_available_bytes() -> int:
 
 
 def device_available_bytes(device: torch.device) -> int:
-    """Free memory of a CUDA device (the caching allocator's reserve counts as free), or the host's for the CPU."""
+    """Free memory of a CUDA device (the caching allocator's reserve counts as free, a per-process cap set with
+    `torch.cuda.set_per_process_memory_fraction` is respected), or the host's for the CPU."""
     if device.type != "cuda":
         return host_available_bytes()
-    free, _ = torch.cuda.mem_get_info(device)
-    reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return free + reserved_unused
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = torch.cuda.get_per_process_memory_fraction(device)  # a cap the process set on itself
+    return max(0, min(available, int(fraction * total) - allocated))
 
 
 def fit(estimate: MemoryEstimate, device: torch.device, cache_device: str, *, device_free: int | None = None,
