@@ -21,6 +21,8 @@ _LAZY = {
     "HetCacheStats": "hetcache.core",
     "disable": "hetcache.api",
     "enable": "hetcache.api",
+    "estimate_memory": "hetcache.memory",
+    "expert_switch": "hetcache.api",
     "plan_for": "hetcache.api",
     "reset": "hetcache.api",
     "set_mask": "hetcache.api",

@@ -19,29 +19,40 @@ from hetcache import hooks, plan, session
 from hetcache.config import HetCacheConfig
 from hetcache.core import CacheStats, call_argument
 from hetcache.engine import HetCacheEngine
-from hetcache.pipeline import MAX_SEQUENCE_LENGTH, preview_timesteps
+from hetcache.pipeline import MAX_SEQUENCE_LENGTH, default_flow_shift, flow_scheduler, preview_timesteps
 
 _WRAPPER_FLAG = "_hetcache_wrapper"
 
 
-def _split(target: Any) -> tuple[Any, torch.nn.Module]:
-    """(pipeline or None, transformer) for a WanVACEPipeline or a WanVACETransformer3DModel."""
-    transformer = getattr(target, "transformer", None)
-    if transformer is not None and hasattr(target, "prepare_masks"):
-        if getattr(target, "transformer_2", None) is not None:
-            raise NotImplementedError("hetcache does not support two-expert (Wan2.2) pipelines yet")
-        return target, transformer
+def _split(target: Any) -> tuple[Any, list[torch.nn.Module]]:
+    """(pipeline or None, its transformers in the order they run) for a WanVACEPipeline (one or two experts) or a
+    WanVACETransformer3DModel."""
+    if hasattr(target, "prepare_masks") and hasattr(target, "transformer"):
+        models = [m for m in (target.transformer, getattr(target, "transformer_2", None)) if m is not None]
+        if models:
+            return target, models
     if isinstance(target, torch.nn.Module) and hasattr(target, "vace_blocks"):
-        return None, target
+        return None, [target]
     raise TypeError(f"hetcache expects a WanVACEPipeline or a WanVACETransformer3DModel, got {type(target).__name__}")
 
 
-def _engine_for(target: Any) -> HetCacheEngine:
-    _, transformer = _split(target)
-    engine = hooks.engine_of(transformer)
-    if engine is None:
+def experts_of(pipeline: Any) -> plan.Experts | None:
+    """The two experts of a Wan2.2-style pipeline and their switch, or None for one transformer."""
+    if pipeline is None:
+        return None
+    models = _split(pipeline)[1]
+    ratio = pipeline.config.get("boundary_ratio") if hasattr(pipeline, "config") else None
+    if len(models) < 2 or ratio is None:
+        return None
+    return plan.Experts(tuple(models), float(ratio) * pipeline.scheduler.config.num_train_timesteps)
+
+
+def _runtimes(target: Any) -> list[Any]:
+    _, models = _split(target)
+    runtimes = [hooks.engine_of(model) for model in models]
+    if any(runtime is None for runtime in runtimes):
         raise RuntimeError("hetcache is not enabled on this model: call hetcache.enable first")
-    return engine
+    return runtimes
 
 
 def enable(
@@ -55,58 +66,64 @@ def enable(
 ) -> Any:
     """Turn HetCache (or a baseline cache from `hetcache.methods`) on for a WanVACEPipeline or its transformer.
 
-    A baseline's config implements `attach(transformer, pipeline)`, registering its hooks under the name
-    `hetcache.core.HOOK_NAME` with a root hook whose `engine` attribute carries `config` and `stats`; `disable` and
-    `stats` then work for it unchanged.
+    A two-expert pipeline (Wan2.2: `transformer` and `transformer_2`, switched at `boundary_ratio`) gets a cache on
+    each expert, with separate caches and one plan that starts each expert FULL; the first expert's caches are
+    freed when the second starts. A baseline's config implements `attach(transformer, pipeline)`, registering its
+    hooks under the name `hetcache.core.HOOK_NAME` with a root hook whose `engine` attribute carries `config` and
+    `stats`; `disable` and `stats` then work for it unchanged.
 
     `mask` (pixel mask [F, H, W], True = generate) or `token_mask` (per-token coverage [T, H', W']) are for direct
     transformer calls; a pipeline gets the mask from each call. `timesteps` lets direct calls find their step
-    index (otherwise calls are counted per CFG branch). Enabling twice replaces the earlier engine.
+    index (otherwise calls are counted per CFG branch). Enabling twice replaces the earlier engine. Returns the
+    engine (the first expert's, with two).
     """
-    pipeline, transformer = _split(target)
-    if hooks.engine_of(transformer) is not None:
+    pipeline, models = _split(target)
+    if any(hooks.engine_of(model) is not None for model in models):
         disable(target)
     if config is not None and not isinstance(config, HetCacheConfig):
         if not hasattr(config, "attach"):
             raise TypeError(f"not a cache configuration: {type(config).__name__}")
-        return config.attach(transformer, pipeline)
-    engine = HetCacheEngine(
-        transformer,
-        config or HetCacheConfig(),
-        scheduler=None if pipeline is None else pipeline.scheduler,
-        timesteps=timesteps,
-        num_inference_steps=num_inference_steps,
-    )
-    if mask is not None or token_mask is not None:
-        engine.set_mask(torch.as_tensor(token_mask if mask is None else mask), token_coverage=mask is None)
-    hooks.attach(transformer, engine)
+        return [config.attach(model, pipeline) for model in models][0]
+    experts = experts_of(pipeline)
+    engines = [HetCacheEngine(model, config or HetCacheConfig(), scheduler=None if pipeline is None else
+                              pipeline.scheduler, timesteps=timesteps, num_inference_steps=num_inference_steps,
+                              experts=experts) for model in models]
+    for engine in engines:
+        engine.siblings = [other for other in engines if other is not engine]
+        if mask is not None or token_mask is not None:
+            engine.set_mask(torch.as_tensor(token_mask if mask is None else mask), token_coverage=mask is None)
+        hooks.attach(engine.transformer, engine)
     if pipeline is not None:
-        _wrap_pipeline(pipeline, engine)
-    return engine
+        _wrap_pipeline(pipeline, engines)
+    return engines[0]
 
 
 def disable(target: Any) -> None:
     """Remove every hetcache hook; the stock forward runs again, exactly."""
-    pipeline, transformer = _split(target)
-    hooks.detach(transformer)  # frees the caches now, not at the next garbage collection
+    pipeline, models = _split(target)
+    for model in models:
+        hooks.detach(model)  # frees the caches now, not at the next garbage collection
     if pipeline is not None:
         _unwrap_pipeline(pipeline)
 
 
 def stats(target: Any) -> CacheStats:
-    """What the last (or the running) video's denoising did: plan, FLOPs, token counts, rows, cache bytes."""
-    return _engine_for(target).stats
+    """What the last (or the running) video's denoising did: plan, FLOPs, token counts, rows, cache bytes (with two
+    experts: both together, and each in `experts`)."""
+    parts = [runtime.stats for runtime in _runtimes(target)]
+    return parts[0] if len(parts) == 1 else CacheStats.combine(parts)
 
 
 def set_mask(target: Any, mask: torch.Tensor | np.ndarray | None, *, token_coverage: bool = False) -> None:
     """Set the mask for direct transformer calls (pixel mask, or per-token coverage with token_coverage=True)."""
-    _engine_for(target).set_mask(None if mask is None else torch.as_tensor(mask), token_coverage=token_coverage)
+    for runtime in _runtimes(target):
+        runtime.set_mask(None if mask is None else torch.as_tensor(mask), token_coverage=token_coverage)
 
 
 def reset(target: Any) -> None:
     """Forget the current video's caches (a pipeline does this itself after every call)."""
-    _, transformer = _split(target)
-    HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks(recurse=False)
+    for model in _split(target)[1]:
+        HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=False)
 
 
 def plan_for(
@@ -123,13 +140,16 @@ def plan_for(
     Wan2.1's timestep modulation depends on the timestep only, so thresholds need no video. A budget needs the
     token counts: pass the pixel `mask` [F, H, W] (or enable with a mask first).
     """
-    pipeline, transformer = _split(target)
+    pipeline, models = _split(target)
+    transformer = models[0]
     engine = hooks.engine_of(transformer)
+    experts = experts_of(pipeline)
     config = config or (engine.config if engine is not None else HetCacheConfig())
     if config.plan is not None:
         if len(config.plan) != num_inference_steps:
             raise ValueError(f"plan has {len(config.plan)} letters but {num_inference_steps} steps were asked for")
-        return config.plan
+        switch = None if experts is None else experts.switch(preview_timesteps(pipeline.scheduler, num_inference_steps))
+        return plan.validate_plan(config.plan, num_inference_steps, () if switch is None else (switch,))
     patch = tuple(transformer.config.patch_size)
     partition = None
     if mask is not None:
@@ -139,29 +159,43 @@ def plan_for(
     if partition is None and config.budget is not None:
         raise ValueError("a budget plan needs the token counts: pass mask= (pixel mask [F, H, W])")
 
+    size = None if mask is None else tuple(torch.as_tensor(mask).shape[1:])
+
     def timesteps_for(steps: int) -> torch.Tensor:
-        return _timesteps(pipeline, engine, steps)
+        return _timesteps(pipeline, engine, steps, size)
 
     steps = plan.solver_steps(transformer, config, num_inference_steps, partition=partition, text_len=text_len,
-                              timesteps_for=timesteps_for)
+                              timesteps_for=timesteps_for, experts=experts)
     letters, _, _ = plan.resolve_plan(transformer, config, partition, text_len, timesteps=timesteps_for(steps),
-                                      num_steps=steps, requested_steps=num_inference_steps)
+                                      num_steps=steps, requested_steps=num_inference_steps, experts=experts)
     return letters
 
 
-def _timesteps(pipeline: Any, engine: Any, num_steps: int) -> torch.Tensor:
+def expert_switch(target: Any, steps: int) -> int | None:
+    """The first solver step of a two-expert pipeline's second expert when it runs `steps` steps (None: one
+    expert, or the second runs no step)."""
+    pipeline, _ = _split(target)
+    experts = experts_of(pipeline)
+    return None if experts is None else experts.switch(preview_timesteps(pipeline.scheduler, steps))
+
+
+def _timesteps(pipeline: Any, engine: Any, num_steps: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The timesteps of `num_steps` steps: the pipeline's scheduler, the transformer's fixed ones, or (a bare
+    transformer) the recipe's scheduler for the video size: flow shift 5.0 at 720p, 3.0 below."""
     scheduler = pipeline.scheduler if pipeline is not None else None
     fixed = getattr(engine, "timesteps", None)
     if scheduler is None and fixed is not None:
         if len(fixed) != num_steps:
             raise ValueError(f"the transformer was enabled with {len(fixed)} timesteps, not {num_steps}")
         return fixed
+    if scheduler is None:
+        scheduler = flow_scheduler(default_flow_shift(*size) if size else 3.0)
     return preview_timesteps(scheduler, num_steps)
 
 
 # ------------------------------------------------------------------------------------------------ pipelines
-def _wrap_pipeline(pipeline: Any, engine: HetCacheEngine) -> None:
-    """Wrap three methods of this pipeline instance (each calls the original unchanged) so the engine learns what
+def _wrap_pipeline(pipeline: Any, engines: list[HetCacheEngine]) -> None:
+    """Wrap three methods of this pipeline instance (each calls the original unchanged) so the engines learn what
     a `pipe(...)` call does before its first denoising step:
 
     - `check_inputs` (first): the call's mask, from which the solver step count of a budget can be solved;
@@ -178,20 +212,24 @@ def _wrap_pipeline(pipeline: Any, engine: HetCacheEngine) -> None:
 
         raw_mask, height, width = argument("mask"), argument("height"), argument("width")
         count = _reference_count(argument("reference_images"))
-        if raw_mask is not None:  # made lazily: only a budget without step_fraction needs it this early
-            engine.mask.early = (lambda: _pixel_mask(pipeline, raw_mask, height, width), count)
         embeds = argument("prompt_embeds")
-        engine.text_len_hint = embeds.shape[1] if embeds is not None else _text_length(pipeline)
+        for engine in engines:
+            if raw_mask is not None:  # made lazily: only a budget without step_fraction needs it this early
+                engine.mask.early = (lambda: _pixel_mask(pipeline, raw_mask, height, width), count)
+            engine.text_len_hint = embeds.shape[1] if embeds is not None else _text_length(pipeline)
         return check_inputs(*args, **kwargs)
 
     def timesteps(num_inference_steps: int | None = None, *args: Any, **kwargs: Any) -> Any:
         if num_inference_steps is not None:
-            num_inference_steps = engine.solver_steps(num_inference_steps)
+            requested, num_inference_steps = num_inference_steps, engines[0].solver_steps(num_inference_steps)
+            for engine in engines[1:]:
+                engine.requested_steps = requested
         return set_timesteps(num_inference_steps, *args, **kwargs)
 
     def masks(mask: torch.Tensor, reference_images: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         references = len(reference_images[0]) if reference_images else 0
-        engine.begin_pipeline_call(mask[0, 0] > 0.5, references)
+        for engine in engines:
+            engine.begin_pipeline_call(mask[0, 0] > 0.5, references)
         return prepare_masks(mask, reference_images, *args, **kwargs)
 
     for owner, name, wrapper in ((pipeline, "check_inputs", checked), (scheduler, "set_timesteps", timesteps),

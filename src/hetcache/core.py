@@ -37,6 +37,7 @@ class CacheStats:
     branches: dict[str, str] = field(default_factory=dict)  # executed letters per branch
     notes: list[str] = field(default_factory=list)
     requested_steps: int | None = None  # the steps asked for; `plan` has one letter per solver step that ran
+    experts: list[CacheStats] = field(default_factory=list)  # each expert's own, for a two-expert pipeline
 
     @property
     def flops_ratio(self) -> float:
@@ -68,7 +69,24 @@ class CacheStats:
             "branches": dict(self.branches),
             "notes": list(self.notes),
             "requested_steps": self.requested_steps,
+            "experts": [expert.to_dict() for expert in self.experts],
         }
+
+    @classmethod
+    def combine(cls, parts: list[CacheStats]) -> CacheStats:
+        """The stats of a two-expert pipeline from each expert's: letters and rows in step order, FLOPs added, the
+        larger cache (the first expert's caches are freed when the second starts)."""
+        first = parts[0]
+        branches: dict[str, str] = {}
+        for part in parts:
+            for name, letters in part.branches.items():
+                branches[name] = branches.get(name, "") + letters
+        return cls(plan="".join(p.plan for p in parts), planned=first.planned, delta=first.delta,
+                   flops=sum(p.flops for p in parts), dense_flops=sum(p.dense_flops for p in parts),
+                   tokens=dict(first.tokens), rows=[r for p in parts for r in p.rows],
+                   cache_bytes=max(p.cache_bytes for p in parts), branches=branches,
+                   notes=list(dict.fromkeys(n for p in parts for n in p.notes)),
+                   requested_steps=first.requested_steps, experts=list(parts))
 
 
 HetCacheStats = CacheStats

@@ -65,8 +65,11 @@ class HetCacheEngine:
     """Step kinds per call, and the row-subset execution of the blocks for FULL and PARTIAL calls."""
 
     def __init__(self, transformer: torch.nn.Module, config: HetCacheConfig, *, scheduler: Any = None,
-                 timesteps: torch.Tensor | None = None, num_inference_steps: int | None = None) -> None:
+                 timesteps: torch.Tensor | None = None, num_inference_steps: int | None = None,
+                 experts: plan.Experts | None = None) -> None:
         self.transformer, self.config = transformer, config
+        self.experts = experts  # a two-expert pipeline's transformers: one plan for both, each starting FULL
+        self.siblings: list[HetCacheEngine] = []  # the other expert's engine
         self.clock = StepClock(scheduler if scheduler is not None else timesteps)
         self.timesteps = timesteps
         self.num_inference_steps = num_inference_steps
@@ -110,6 +113,13 @@ class HetCacheEngine:
         self.mask.user = None if mask is None else (mask, token_coverage)
         self._drop_session()
 
+    def drop_caches(self) -> None:
+        """Free every branch's buffers (keeping the stats): this expert runs no further step of the video."""
+        for state in self.branches.values():
+            state.reset()
+        if self.graphs is not None:
+            self.graphs.clear()
+
     def _drop_session(self) -> None:
         if self.session is not None:
             self.last_stats = self.session.stats
@@ -146,7 +156,10 @@ class HetCacheEngine:
             timesteps = self.clock.timesteps()
             session = self.session = start_session(self.transformer, self.config, self.mask, grid,
                                                    hidden_states.device, text.shape[1], timesteps,
-                                                   self.num_inference_steps, branch_name, self.requested_steps)
+                                                   self.num_inference_steps, branch_name, self.requested_steps,
+                                                   self.experts)
+            for sibling in self.siblings:  # the other expert has run its steps of this video (or of the last one)
+                sibling.drop_caches()
             tier, note = memory.place_cache(self.transformer, self.config, session.partition.num_tokens,
                                             text.shape[1], hidden_states.device)
             self.store.use_host(tier)
@@ -206,7 +219,7 @@ class HetCacheEngine:
 
         partition = self.mask.early_partition(self.config, tuple(self.transformer.config.patch_size))
         return plan.solver_steps(self.transformer, self.config, requested, partition=partition,
-                                 text_len=self.text_len_hint, timesteps_for=timesteps_for)
+                                 text_len=self.text_len_hint, timesteps_for=timesteps_for, experts=self.experts)
 
     def end_call(self) -> None:
         if self.graphs is not None and self.graphs.failure is not None:

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from transformers import T5Tokenizer
 
 TINY_RANDOM = "tiny-random"
+TINY_RANDOM_MOE = "tiny-random-moe"  # two experts, as Wan2.2's VACE-Fun A14B
+TINY_BOUNDARY_RATIO = 0.875  # the switch Wan2.2-T2V-A14B ships: steps at t >= 875 run on the first expert
 PROXY = "proxy"
 DEFAULT_MODEL = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
 # The uint8 value that hides the masked region from the model (mid-grey, 0 after the pipeline's scaling).
@@ -98,16 +100,24 @@ def tiny_text_encoder(vocab_size: int) -> torch.nn.Module:
 
 
 def build_tiny_random_pipeline(
-    seed: int = 0, *, num_layers: int = 3, vace_layers: tuple[int, ...] = (0, 2)
+    seed: int = 0, *, num_layers: int = 3, vace_layers: tuple[int, ...] = (0, 2), two_experts: bool = False
 ) -> WanVACEPipeline:
     """A WanVACEPipeline with tiny random weights, built offline in float32 on the CPU.
 
     Its output is noise-like: it checks the plumbing (shapes, masks, scheduler, I/O, hooks), not the quality.
     The same seed gives the same weights; the global RNG is left untouched. The rope table is as long as the
-    real model's, so 480x832 at 81 frames still fits.
+    real model's, so 480x832 at 81 frames still fits. `two_experts` adds a second transformer (other weights)
+    for the low-noise steps, switched at TINY_BOUNDARY_RATIO, as Wan2.2's two-expert VACE pipelines do.
     """
     import torch
     from diffusers import AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel
+
+    def transformer() -> WanVACETransformer3DModel:
+        return WanVACETransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=1024, vace_layers=list(vace_layers), vace_in_channels=96,
+        )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -116,27 +126,12 @@ def build_tiny_random_pipeline(
         vae = AutoencoderKLWan(
             base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
         )
-        transformer = WanVACETransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=12,
-            in_channels=16,
-            out_channels=16,
-            text_dim=32,
-            freq_dim=256,
-            ffn_dim=32,
-            num_layers=num_layers,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=1024,
-            vace_layers=list(vace_layers),
-            vace_in_channels=96,
-        )
-    scheduler = flow_scheduler(3.0)
+        experts = [transformer() for _ in range(2 if two_experts else 1)]
     pipe = WanVACEPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=flow_scheduler(3.0), transformer=experts[0],
+        transformer_2=experts[1] if two_experts else None, boundary_ratio=TINY_BOUNDARY_RATIO if two_experts else None,
     )
-    for module in (text_encoder, vae, transformer):
+    for module in (text_encoder, vae, *experts):
         module.eval()
     return pipe
 
@@ -223,11 +218,13 @@ def load_pipeline(
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device)
 
-    if model == TINY_RANDOM:
-        pipe = build_tiny_random_pipeline()
+    if model in (TINY_RANDOM, TINY_RANDOM_MOE):
+        pipe = build_tiny_random_pipeline(two_experts=model == TINY_RANDOM_MOE)
         if torch_dtype != torch.float32:
             pipe.text_encoder.to(torch_dtype)
-            _cast_keeping_fp32_modules(pipe.transformer, torch_dtype)
+            for expert in (pipe.transformer, pipe.transformer_2):
+                if expert is not None:
+                    _cast_keeping_fp32_modules(expert, torch_dtype)
     elif model == PROXY:
         folder = proxy_folder()
         if not (folder / "model_index.json").is_file():
@@ -242,7 +239,7 @@ def load_pipeline(
             pipe = _load_from_hub(model, torch_dtype)
         else:
             raise UserError(
-                f"unknown model {model!r}: pass {PROXY}, {TINY_RANDOM}, a local pipeline folder, "
+                f"unknown model {model!r}: pass {PROXY}, {TINY_RANDOM}, {TINY_RANDOM_MOE}, a local pipeline folder, "
                 f"or a hub id such as {DEFAULT_MODEL}"
             )
     pipe.scheduler = UniPCMultistepScheduler.from_config(

@@ -8,7 +8,8 @@ threshold `delta` on the accumulated change of e_t, or is solved from a budget (
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -114,12 +115,14 @@ def plan_from_distances(
     warmup_steps: int = 2,
     max_reuse: int = 3,
     refresh_every: int = 4,
+    full_at: Collection[int] = (),
 ) -> str:
     """The plan string for threshold `delta`, one letter of STEP_KINDS per step.
 
     Walking t = 0..S-1 with an accumulator A (0 at the start):
     1. A += d_t.
-    2. Steps t < max(1, warmup_steps) and t = S-1 are F. Otherwise A >= kappa*delta gives F,
+    2. Steps t < max(1, warmup_steps), t = S-1 and the steps in `full_at` (where a second expert starts) are F.
+       Otherwise A >= kappa*delta gives F,
        delta <= A < kappa*delta gives P, A < delta gives R, except that after `max_reuse` R in a row the
        step is P (it must compute; A < delta would give R, so the thresholds give P).
     3. A P is turned into F when it would be the `refresh_every`-th P since the last F, so at most
@@ -143,7 +146,7 @@ def plan_from_distances(
     partial_run = 0
     for t, d in enumerate(distances):
         accumulated += d
-        if t < max(1, warmup_steps) or t == num_steps - 1 or accumulated >= kappa * delta:
+        if t < max(1, warmup_steps) or t == num_steps - 1 or t in full_at or accumulated >= kappa * delta:
             kind = "F"
         elif accumulated >= delta or reuse_run >= max_reuse:
             kind = "F" if partial_run + 1 >= refresh_every else "P"
@@ -159,8 +162,9 @@ def plan_from_distances(
     return "".join(letters)
 
 
-def validate_plan(plan: str, num_steps: int) -> str:
-    """Check a user-given plan string (any case) for `num_steps` steps and return it upper-cased."""
+def validate_plan(plan: str, num_steps: int, full_at: Collection[int] = ()) -> str:
+    """Check a user-given plan string (any case) for `num_steps` steps and return it upper-cased. Steps in `full_at`
+    (where a second expert starts: nothing of it is cached yet) must be F."""
     plan = plan.strip().upper()
     bad = sorted(set(plan) - set(STEP_KINDS))
     if bad:
@@ -173,6 +177,10 @@ def validate_plan(plan: str, num_steps: int) -> str:
         raise ValueError(
             f"plan starts with {plan[0]!r}: the first step must be F (nothing is cached before it)"
         )
+    for step in full_at:
+        if step < len(plan) and plan[step] != "F":
+            raise ValueError(f"plan has {plan[step]!r} at step {step}, where the second expert starts: make it F "
+                             "(each expert keeps its own caches, empty at its first step)")
     return plan
 
 
@@ -212,6 +220,7 @@ def solve_budget(
     warmup_steps: int = 2,
     max_reuse: int = 3,
     refresh_every: int = 4,
+    full_at: Collection[int] = (),
 ) -> tuple[float, str]:
     """The smallest delta (most compute) whose plan costs at most `budget` x the dense cost, and that plan.
 
@@ -226,7 +235,8 @@ def solve_budget(
         raise ValueError(f"budget {budget} is not a fraction of the dense cost in (0, 1]")
     if full_cost <= 0 or partial_cost < 0 or reuse_cost < 0:
         raise ValueError("step costs must be positive for FULL and non-negative for PARTIAL and REUSE")
-    options = dict(kappa=kappa, warmup_steps=warmup_steps, max_reuse=max_reuse, refresh_every=refresh_every)
+    options = dict(kappa=kappa, warmup_steps=warmup_steps, max_reuse=max_reuse, refresh_every=refresh_every,
+                   full_at=full_at)
     limit = budget * len(distances) * full_cost
     costs = (full_cost, partial_cost, reuse_cost)
     dense = plan_from_distances(distances, 0.0, **options)
@@ -255,6 +265,25 @@ def describe_plan(plan: str) -> str:
     return f"{len(plan)} steps: {counts}"
 
 
+@dataclass(frozen=True)
+class Experts:
+    """The transformers of a two-expert pipeline (Wan2.2) in the order they run, and where they switch: the first
+    runs the steps whose timestep is at least `boundary` (`boundary_ratio` x the scheduler's training steps)."""
+
+    models: tuple[torch.nn.Module, ...]
+    boundary: float
+
+    def switch(self, timesteps: torch.Tensor | Sequence[float]) -> int | None:
+        """The first step of the second expert, or None when it runs no step."""
+        values = [float(t) for t in timesteps]
+        return next((i for i, t in enumerate(values) if t < self.boundary), None)
+
+    def owner(self, step: int, timesteps: torch.Tensor | Sequence[float]) -> int:
+        """Which expert (0 or 1) runs `step`."""
+        switch = self.switch(timesteps)
+        return int(switch is not None and step >= switch)
+
+
 def resolve_plan(
     transformer: torch.nn.Module,
     config: HetCacheConfig,
@@ -264,33 +293,44 @@ def resolve_plan(
     timesteps: torch.Tensor | None,
     num_steps: int | None,
     requested_steps: int | None = None,
+    experts: Experts | None = None,
 ) -> tuple[str, float | None, list[str]]:
     """The step plan for one video: a fixed string, or thresholds / a budget over the timestep signal.
 
     `timesteps` are those of the solver steps that run (S' of them); `requested_steps` (S, default S') is the step
     count the user asked for, which a budget is relative to: a plan of S' steps may spend budget x S / S' FULL
-    steps' worth per step.
+    steps' worth per step. With two `experts` each step's signal comes from the expert that runs it, and the
+    second expert's first step is F.
     """
     notes: list[str] = []
+    switch = experts.switch(timesteps) if experts is not None and timesteps is not None else None
+    full_at = () if switch is None else (switch,)
     if config.plan is not None:
         if num_steps is not None and len(config.plan) != num_steps:
             raise ValueError(f"plan has {len(config.plan)} letters but the run has {num_steps} steps")
-        return validate_plan(config.plan, len(config.plan)), None, notes
+        return validate_plan(config.plan, len(config.plan), full_at), None, notes
     if timesteps is None:
         raise ValueError("threshold and budget plans need the timesteps: use a pipeline, or pass timesteps= to enable")
     if config.budget is None:
-        distances = model_distances(transformer, timesteps)
-        return plan_from_distances(distances, config.delta, **_guards(config)), config.delta, notes
-    delta, letters, share = _budget_plan(transformer, config, partition, text_len, timesteps, requested_steps)
+        distances = model_distances(transformer, timesteps, experts)
+        return plan_from_distances(distances, config.delta, **_guards(config), full_at=full_at), config.delta, notes
+    delta, letters, share = _budget_plan(transformer, config, partition, text_len, timesteps, requested_steps,
+                                         experts)
     if share > config.budget + 1e-9:
         notes.append(f"budget {config.budget:.2f} is below what the plan guards allow; cheapest plan costs {share:.2f}")
     return letters, delta, notes
 
 
-def model_distances(transformer: torch.nn.Module, timesteps: torch.Tensor) -> list[float]:
-    """d_t of every step from the model's own timestep modulation and its family's TeaCache polynomial."""
+def model_distances(transformer: torch.nn.Module, timesteps: torch.Tensor,
+                    experts: Experts | None = None) -> list[float]:
+    """d_t of every step from the model's own timestep modulation and its family's TeaCache polynomial (with two
+    experts, each step's from the expert that runs it)."""
     coefficients = TEACACHE_WAN21_COEFFICIENTS.get(model_family(transformer.config) or "")
-    return step_distances(timestep_modulations(transformer, timesteps), coefficients)
+    signal = timestep_modulations(transformer, timesteps)
+    switch = experts.switch(timesteps) if experts is not None else None
+    if switch is not None:
+        signal[switch:] = timestep_modulations(experts.models[1], timesteps[switch:]).to(signal.device)
+    return step_distances(signal, coefficients)
 
 
 def _guards(config: HetCacheConfig) -> dict[str, Any]:
@@ -299,12 +339,15 @@ def _guards(config: HetCacheConfig) -> dict[str, Any]:
 
 
 def _budget_plan(transformer: torch.nn.Module, config: HetCacheConfig, partition: tokens.TokenPartition,
-                 text_len: int, timesteps: torch.Tensor, requested_steps: int | None) -> tuple[float, str, float]:
+                 text_len: int, timesteps: torch.Tensor, requested_steps: int | None,
+                 experts: Experts | None = None) -> tuple[float, str, float]:
     """(delta, letters, cost as a share of `requested_steps` dense steps) of the budget's plan over `timesteps`."""
-    distances = model_distances(transformer, timesteps)
+    distances = model_distances(transformer, timesteps, experts)
+    switch = experts.switch(timesteps) if experts is not None else None
     costs = step_costs(transformer, partition, config, text_len)
     scale = (requested_steps or len(distances)) / len(distances)
-    delta, letters = solve_budget(distances, min(1.0, config.budget * scale), **costs, **_guards(config))
+    delta, letters = solve_budget(distances, min(1.0, config.budget * scale), **costs, **_guards(config),
+                                  full_at=() if switch is None else (switch,))
     return delta, letters, plan_cost(letters, **costs) / (len(letters) * scale * costs["full_cost"])
 
 
@@ -329,6 +372,7 @@ def solver_steps(
     partition: tokens.TokenPartition | None = None,
     text_len: int = 512,
     timesteps_for: Callable[[int], torch.Tensor] | None = None,
+    experts: Experts | None = None,
 ) -> int:
     """S': how many of the `requested_steps` solver steps run (the scheduler is set to S' steps over the same
     noise range).
@@ -345,7 +389,8 @@ def solver_steps(
     if partition is None or timesteps_for is None:
         raise ValueError("a budget plan needs the mask to choose its solver steps: pass mask=")
     for steps in range(requested_steps, 0, -1):
-        _, _, share = _budget_plan(transformer, config, partition, text_len, timesteps_for(steps), requested_steps)
+        _, _, share = _budget_plan(transformer, config, partition, text_len, timesteps_for(steps), requested_steps,
+                                   experts)
         if share <= config.budget + 1e-9:
             return steps
     return 1

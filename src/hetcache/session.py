@@ -190,7 +190,8 @@ class VideoSession:
 
 def start_session(transformer: torch.nn.Module, config: HetCacheConfig, mask: EditMask,
                   grid: tuple[int, int, int], device: torch.device, text_len: int, timesteps: torch.Tensor | None,
-                  num_steps: int | None, first_branch: str, requested_steps: int | None = None) -> VideoSession:
+                  num_steps: int | None, first_branch: str, requested_steps: int | None = None,
+                  experts: plan.Experts | None = None) -> VideoSession:
     """The session of a video whose first call has token grid `grid`: partition, then the plan for its steps
     (`timesteps`: the solver steps that run; `requested_steps`: how many the caller asked for, when more)."""
     partition = mask.partition(config, grid, device)
@@ -202,6 +203,6 @@ def start_session(transformer: torch.nn.Module, config: HetCacheConfig, mask: Ed
         requested_steps = None  # the scheduler was set again without the wrapper: every step runs
     letters, delta, notes = plan.resolve_plan(
         transformer, config, partition, text_len, timesteps=timesteps, num_steps=num_steps,
-        requested_steps=requested_steps)
+        requested_steps=requested_steps, experts=experts)
     shape = flops.ModelShape.from_config(transformer.config)
     return VideoSession(config, shape, partition, letters, delta, notes, text_len, first_branch, requested_steps)
