@@ -50,13 +50,15 @@ DEMO_SCENE = 3
 DEMO_FRAMES, DEMO_SIZE = 17, 256  # the proxy's native clip
 # The names of `hetcache.methods`, repeated here because importing it loads torch and diffusers, which `--help` and
 # a mistyped name must not wait for; tests/test_cli.py checks that both lists agree.
-OWN_METHODS = ("full", "fewer-steps", "teacache", "pab", "adacache", "fastcache", "hetcache-slow", "hetcache-fast")
+OWN_METHODS = ("full", "fewer-steps", "teacache", "pab", "adacache", "fastcache-style", "hetcache-slow",
+               "hetcache-fast")
+TUNABLE_METHODS = ("hetcache",)
 PEER_METHODS = ("diffusers-fbc", "diffusers-magcache", "cache-dit")
-METHOD_NAMES = OWN_METHODS + PEER_METHODS
+METHOD_NAMES = OWN_METHODS + TUNABLE_METHODS + PEER_METHODS
 BENCH_METHODS = ",".join(OWN_METHODS)
 METHOD_HELP = (
-    f"Cache to run: {NO_CACHE} (none), hetcache-fast, hetcache-slow, or a baseline "
-    f"({', '.join(name for name in METHOD_NAMES if name not in (NO_CACHE, 'hetcache-fast', 'hetcache-slow'))})."
+    f"Cache to run: {NO_CACHE} (none), hetcache-fast, hetcache-slow, hetcache (set its knobs with --method-option), "
+    f"or a baseline ({', '.join(n for n in METHOD_NAMES if n != NO_CACHE and not n.startswith('hetcache'))})."
 )
 METHODS_HELP = (
     f"Comma-separated methods, or all; full always runs first as the reference. Names: {', '.join(METHOD_NAMES)}."
