@@ -97,7 +97,7 @@ def test_never_skip_reproduces_full_exactly(pipe, edit_inputs, reference, name):
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_every_method_runs_and_disable_restores_stock(pipe, edit_inputs, reference, name):
     # AdaCache's rates scale with the step count (at 6 steps every paper rate rounds to 1): scaled up here.
-    overrides = {"teacache": dict(delta=1e3, warmup_steps=1), "adacache": dict(codebook_scale=5.0)}.get(name, {})
+    overrides = {"teacache": dict(delta=1e3, warmup_steps=1), "adacache": {"codebook_scale": 5.0}}.get(name, {})
     config = method_config(name, **overrides)
     out, stats = run_method(pipe, edit_inputs, config)
     steps = inference_steps(config, STEPS)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from hetcache.errors import UserError
-from hetcache.options import parse_grids, parse_method_options, parse_value, split_top_level
+from hetcache.options import (
+    parse_grids,
+    parse_method_options,
+    parse_value,
+    split_top_level,
+)
 
 METHODS = ("teacache", "pab", "adacache", "hetcache")
 
