@@ -310,3 +310,32 @@ def test_eval_runs_a_folder_dataset_with_the_default_guidance(clip_files, tmp_pa
                     *TINY)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "aggregate.json").read_text())["settings"]["guidance"] == 5.0
+
+
+def test_method_options_set_a_methods_config(clip_files, tmp_path):
+    video, mask = clip_files
+    result = invoke("edit", video, "--mask", mask, "-p", "a road", "-o", tmp_path / "o.mp4", "--method", "teacache",
+                    "--method-option", "teacache.delta=1000", "--method-option", "teacache.warmup_steps=1", *TINY[:2],
+                    "--steps", "4", "--device", "cpu", "--no-side-by-side")
+    assert result.exit_code == 0, result.output
+    assert "method   teacache: plan FRRF (4 steps)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("teacache.dleta=0.1", "unknown option 'dleta' for teacache: use one of delta, kappa"),
+        ("tea.delta=0.1", "unknown method 'tea'"),
+        ("teacache.delta", "is not NAME.KEY=VALUE"),
+        ("pab.self_attention_range=2", "--method-option for pab, which is not among the methods run"),
+        ("teacache.delta=-1", "options {'delta': -1} for teacache: delta must be >= 0"),
+        ("teacache.delta=0.1,", "an option value is empty"),
+    ],
+)
+def test_bad_method_options_exit_2_with_one_line(option, expected, clip_files, tmp_path):
+    video, mask = clip_files
+    for command in (["edit", video, "--mask", mask, "-p", "a road", "-o", tmp_path / "o.mp4", "--method", "teacache"],
+                    ["bench", video, "--mask", mask, "-p", "a road", "--out", tmp_path / "b", "--methods", "teacache"],
+                    ["eval", "--dataset", tmp_path, "--out", tmp_path / "e", "--methods", "teacache"]):
+        assert_user_error(invoke(*command, "--method-option", option, *TINY), expected)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "o.mp4").exists()

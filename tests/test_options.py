@@ -22,6 +22,8 @@ def test_values_are_literals():
     assert parse_value("'F,R'") == "F,R"
     with pytest.raises(UserError, match="cannot read the value"):
         parse_value("[1, 2")
+    with pytest.raises(UserError, match="empty"):
+        parse_value(" ")
 
 
 def test_commas_split_only_at_the_top_level():

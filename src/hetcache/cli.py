@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +27,7 @@ from tqdm import tqdm
 import hetcache
 from hetcache import video as vio
 from hetcache.errors import UserError
+from hetcache.options import parse_method_options
 from hetcache.pipeline import (
     DEFAULT_MODEL,
     PROXY,
@@ -110,6 +111,22 @@ MaskOpt = Annotated[Path | None, typer.Option(help="Mask video, folder or image 
 BoxOpt = Annotated[
     str | None, typer.Option(help="Box to generate instead of a mask: x0,y0,x1,y1 in source pixels.")
 ]
+MethodOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--method-option",
+        help="NAME.KEY=VALUE: set an option of a method's config, e.g. teacache.delta=0.05 (repeatable; "
+        "docs/CLI.md lists the keys).",
+    ),
+]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the dense reference and every method the same way (block forwards; HetCache's row "
+        "maths); speedups compare compiled with compiled.",
+    ),
+]
 
 
 @dataclass
@@ -138,6 +155,7 @@ class EditRequest:
     composite: bool = True
     hide_masked: bool = True
     method: str = NO_CACHE
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _guidance(model: str, given: float | None) -> float:
@@ -152,16 +170,23 @@ def check_method(name: str) -> str:
     return name
 
 
-def method_config(name: str) -> Any:
-    """The default config of method `name` for `hetcache.enable`, or None for `full` (the stock pipeline)."""
-    if check_method(name) == NO_CACHE:
+def method_options(texts: list[str] | None) -> dict[str, dict[str, Any]]:
+    """`--method-option` values as {method: {key: value}}: syntax and method names checked (no torch yet)."""
+    return parse_method_options(texts or [], METHOD_NAMES)
+
+
+def method_config(name: str, options: dict[str, dict[str, Any]] | None = None, steps: int | None = None) -> Any:
+    """The config of method `name` for `hetcache.enable`, with the user's options for a run of `steps` steps, or
+    None for `full` without options (the stock pipeline)."""
+    if check_method(name) == NO_CACHE and not options:
         return None
     from hetcache import methods
+    from hetcache.runner import method_configs
 
     reason = methods.unavailable_reason(name)
     if reason is not None:
         raise UserError(f"method {name!r} cannot run here: {reason}")
-    return methods.method_config(name)
+    return method_configs([name], steps=steps, options=options)[0][1]
 
 
 @contextmanager
@@ -190,7 +215,7 @@ def run_request(request: EditRequest) -> None:
     start = time.perf_counter()  # "load" includes importing torch and diffusers, whichever step does it first
     device = resolve_device(request.device)
     dtype = resolve_dtype(request.dtype, device)
-    config = method_config(request.method)
+    config = method_config(request.method, request.method_options, request.steps)
     pipe = load_pipeline(request.model, device, dtype, height=height, width=width)
     load_s = time.perf_counter() - start
 
@@ -336,6 +361,7 @@ def edit(
         bool, typer.Option("--no-side-by-side", help="Do not write the side-by-side video.")
     ] = False,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = NO_CACHE,
+    method_option: MethodOptionOpt = None,
 ) -> None:
     """Regenerate the masked region of VIDEO as PROMPT describes."""
     run_request(
@@ -362,6 +388,7 @@ def edit(
             composite=composite,
             hide_masked=hide_masked,
             method=method,
+            method_options=method_options(method_option),
         )
     )
 
@@ -432,8 +459,10 @@ def bench(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     lpips_weights: Annotated[
-        Path | None, typer.Option(help="LPIPS weights file; without it LPIPS is not computed.")
+        Path | None, typer.Option(help="LPIPS weights (a state dict file); without it LPIPS is not computed.")
     ] = None,
+    method_option: MethodOptionOpt = None,
+    compile: CompileOpt = False,
 ) -> None:
     """Edit VIDEO with every method from the same inputs and compare their speed and fidelity with full."""
     # Every input check before the seconds-long import of torch and diffusers.
@@ -441,6 +470,7 @@ def bench(
     for name in methods.split(","):
         if name.strip() and methods.strip() != "all":
             check_method(name.strip())
+    options = method_options(method_option)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     prepared = prepare_for_model(model, video, mask, box, frames, height, width)
@@ -459,6 +489,8 @@ def bench(
         dtype=dtype,
         out=out,
         lpips_weights=lpips_weights,
+        method_options=options,
+        compile=compile,
     )
 
 
@@ -511,16 +543,22 @@ def evaluate(
     guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    lpips_weights: Annotated[Path | None, typer.Option(help="LPIPS weights file; without it LPIPS is skipped.")] = None,
-    i3d_weights: Annotated[Path | None, typer.Option(help="I3D weights file for VFID; without it VFID is skipped.")] = None,
+    lpips_weights: Annotated[
+        Path | None, typer.Option(help="LPIPS weights (a state dict file); without it LPIPS is skipped.")
+    ] = None,
+    i3d_weights: Annotated[
+        Path | None, typer.Option(help="I3D weights (a state dict file) for VFID and KID; without it they are skipped.")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items.")] = None,
+    method_option: MethodOptionOpt = None,
 ) -> None:
     """Run methods over a dataset of (video, mask, prompt) items and tabulate quality against references."""
+    options = method_options(method_option)
     from hetcache.evaluate import eval_main
 
     eval_main(dataset=dataset, layout=layout, methods=methods, model=model, steps=steps, out=out, frames=frames,
               height=height, width=width, seed=seed, guidance=_guidance(model, guidance), device=device,
-              dtype=dtype, lpips_weights=lpips_weights, i3d_weights=i3d_weights, limit=limit)
+              dtype=dtype, lpips_weights=lpips_weights, i3d_weights=i3d_weights, limit=limit, method_options=options)
 
 
 @app.command()

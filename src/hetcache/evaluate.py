@@ -1,11 +1,11 @@
 """Evaluation over a dataset: every method on every (video, mask, prompt) item, scored against the ground truth
 where the dataset has one and against `full`'s output always, with resumable per-item results and aggregates.
 
-Each item runs like one `hetcache bench` (the same machinery: `bench.initial_latents`, `bench._run_method`): every
-method from the same inputs, seed and initial latents, `full` first. Scores use the raw model output:
-PSNR / SSIM over the frame, inside the mask and on the margin band, LPIPS when a model file is given, a temporal
-consistency measure inside the mask, and VFID over the whole dataset when an I3D model file is given. Layouts,
-files and fields: docs/EVAL.md.
+Each item runs like one `hetcache bench` (the same machinery, `hetcache.runner`): every method from the same
+inputs, seed and initial latents, `full` first. Scores use the raw model output: pooled and per-frame PSNR and
+SSIM over the frame, inside the mask and on the margin band, LPIPS over the frame and inside the mask when
+weights are given, a temporal consistency measure inside the mask, and VFID and KID over each group's clips when
+I3D weights are given. Layouts, files and fields: docs/EVAL.md.
 
 An inpainting item (one with ground truth) never shows the model what it must restore: its masked pixels are
 set to mid-grey before the pipeline sees them (VACE encodes the masked pixels as "reactive" frames).
@@ -36,15 +36,17 @@ import hetcache
 from hetcache import bench, files
 from hetcache import video as vio
 from hetcache.errors import UserError
-from hetcache.methods import inference_steps, unavailable_reason
+from hetcache.methods import inference_steps, method_flag, short_flag, unavailable_reason
 from hetcache.metrics import (
     BAND_PX,
+    FIDELITY_KEYS,
     I3D,
     LPIPS,
     VFID_CLIP_FRAMES,
     VFID_CLIP_STRIDE,
     VFID_SIZE,
     fidelity,
+    kid,
     psnr,
     temporal_consistency,
     vfid,
@@ -58,11 +60,11 @@ from hetcache.pipeline import (
     resolve_dtype,
     run_edit,
 )
+from hetcache.runner import REFERENCE, WARMUP_STEPS, describe_failure, initial_latents, method_configs, run_method
 
 SCHEMA = "hetcache-eval/1"
 ITEM_SCHEMA = "hetcache-eval-item/1"
 LAYOUTS = ("vace-benchmark", "vpbench", "folder")
-REFERENCE = bench.REFERENCE
 GREY = HIDDEN_GREY  # what an inpainting item's masked pixels become before the model sees them
 ALIGNMENT_PSNR_DB = 30.0  # below this, outside the mask, the ground truth does not match the input: a note says so
 ITEMS_DIR = "items"
@@ -70,18 +72,18 @@ ITEM_FILE = "result.json"
 FEATURES_FILE = "i3d.npz"
 GROUND_TRUTH = "ground_truth"  # the ground truth's key in i3d.npz
 
-METRICS = (
-    "psnr_frame", "psnr_mask", "psnr_band", "ssim_frame", "ssim_mask", "ssim_band", "lpips", "temporal_mask",
-    "flicker_mask",
-)
+METRICS = (*FIDELITY_KEYS, "temporal_mask", "flicker_mask")
 REFERENCES = ("gt", "full")
 SCORES = tuple(f"{ref}_{metric}" for ref in REFERENCES for metric in METRICS)
 ITEM_COLUMNS = (
-    "item", "task", "method", "steps", "plan", "denoise_s", "speedup", "flops_ratio", "identical_to_full", *SCORES,
+    "item", "task", "method", "steps", "plan", "denoise_s", "speedup", "flops_ratio", "identical_to_full", "flag",
+    *SCORES,
 )
+# Set-level distances over a group's clip features (`metrics.vfid`, `metrics.kid`).
+DISTANCES = ("vfid", "kid")
 AGGREGATE_COLUMNS = (
-    "group", "method", "items", "gt_items", "identical_items", "denoise_s", "speedup", "flops_ratio", *SCORES,
-    "gt_vfid", "full_vfid",
+    "group", "method", "items", "gt_items", "identical_items", "denoise_s", "speedup", "flops_ratio", "flag", *SCORES,
+    *(f"{ref}_{d}" for d in DISTANCES for ref in REFERENCES),
 )
 OUTPUT_FILES = ("per_item.json", "per_item.csv", "per_item.md", "aggregate.json", "aggregate.csv", "aggregate.md")
 
@@ -316,7 +318,7 @@ def _finite(value: float | None) -> float | None:
 
 
 def score(pred: np.ndarray, reference: np.ndarray, mask: np.ndarray, *, band_px: int = BAND_PX,
-          lpips: Callable[[np.ndarray, np.ndarray], float] | None = None) -> dict[str, float | None]:
+          lpips: LPIPS | None = None) -> dict[str, float | None]:
     """Every METRICS value of `pred` against `reference` (None where undefined, e.g. PSNR of identical pixels)."""
     scores = {key: _finite(value) for key, value in fidelity(pred, reference, mask, band_px=band_px,
                                                               lpips=lpips).items()}
@@ -372,7 +374,7 @@ class _Context:
 def evaluate_item(pipe: Any, item: Item, loaded: LoadedItem, ctx: _Context, folder: Path) -> dict[str, Any]:
     """Run every method on one item, score it, write its result.json (and i3d.npz); returns the record."""
     num_frames, height, width = loaded.mask.shape
-    latents = bench.initial_latents(pipe, num_frames, height, width, ctx.seed)
+    latents = initial_latents(pipe, num_frames, height, width, ctx.seed)
     # Inpainting items were greyed by `load_item`; editing items go in as they are.
     common = dict(negative_prompt="", guidance=ctx.guidance, seed=ctx.seed, latents=latents, hide_masked=False)
     rows, skipped, outputs, features = [], [], {}, {}
@@ -386,16 +388,16 @@ def evaluate_item(pipe: Any, item: Item, loaded: LoadedItem, ctx: _Context, fold
             continue
         run_steps = inference_steps(config, ctx.steps)
         try:
-            frames, denoise, stats, _ = bench._run_method(pipe, config, loaded.video, loaded.mask, item.prompt,
-                                                          run_steps, common)
+            done = run_method(pipe, config, loaded.video, loaded.mask, item.prompt, run_steps, common)
         except Exception as error:  # noqa: BLE001 - one failing method must not lose the others' results
             hetcache.disable(pipe)
             if name == REFERENCE:
                 raise
-            reason = f"failed: {type(error).__name__}: {' '.join(str(error).split())}"
+            reason = describe_failure(error)
             skipped.append({"method": name, "reason": reason, "failed": True})
             ctx.say(f"  {name:<20} {reason}")
             continue
+        frames, denoise, stats = done.frames, done.denoise_s, done.stats
         observed = stats.dense_flops > 0
         if name == REFERENCE:
             reference_time, reference_flops = denoise, (stats.flops if observed else None)
@@ -409,7 +411,7 @@ def evaluate_item(pipe: Any, item: Item, loaded: LoadedItem, ctx: _Context, fold
             "item": item.id, "task": item.task, "method": name, "steps": run_steps, "plan": stats.plan,
             "denoise_s": denoise, "speedup": reference_time / denoise if denoise > 0 else None,
             "flops_ratio": stats.flops / reference_flops if observed and reference_flops else None,
-            "identical_to_full": identical,
+            "identical_to_full": identical, "flag": method_flag(name),
             **{f"gt_{k}": v for k, v in gt.items()}, **{f"full_{k}": v for k, v in vs_full.items()},
         }
         rows.append(row)
@@ -434,8 +436,10 @@ def _fmt(value: Any, pattern: str) -> str:
 
 
 def _progress_line(row: dict[str, Any]) -> str:
-    gt = f"GT PSNR mask {_fmt(row['gt_psnr_mask'], '{:.2f}')}" if row["gt_psnr_frame"] is not None else "no GT"
-    full = "= full" if row["identical_to_full"] else f"vs full PSNR mask {_fmt(row['full_psnr_mask'], '{:.2f}')}"
+    gt = (f"GT PSNR mask {_fmt(row['gt_psnr_mask_per_frame'], '{:.2f}')}" if row["gt_psnr_frame"] is not None
+          else "no GT")
+    full = ("= full" if row["identical_to_full"] else
+            f"vs full PSNR mask {_fmt(row['full_psnr_mask_per_frame'], '{:.2f}')}")
     return (f"  {row['method']:<20} {row['denoise_s']:8.3f} s  {_fmt(row['speedup'], 'x{:.2f}'):>6}  "
             f"FLOPs {_fmt(row['flops_ratio'], '{:.2f}')}  {gt}  {full}  plan {row['plan'] or '-'}")
 
@@ -444,8 +448,9 @@ def _progress_line(row: dict[str, Any]) -> str:
 def aggregate(records: Sequence[dict[str, Any]], names: Sequence[str],
               features: dict[str, dict[str, np.ndarray]] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per (group, method): means over items of every per-item number (items where it is null left
-    out), counts, and the set-level VFIDs from `features` (item id -> name -> [clips, dim]). Groups: "all",
-    then one per task when the dataset has several. Returns (rows, notes on VFIDs that could not be made)."""
+    out), counts, and the set-level VFIDs and KIDs from `features` (item id -> name -> [clips, dim]). Groups:
+    "all", then one per task when the dataset has several. Returns (rows, notes on distances that could not be
+    made)."""
     tasks = sorted({r["task"] for r in records})
     groups = [("all", list(records))] + ([(t, [r for r in records if r["task"] == t]) for t in tasks]
                                          if len(tasks) > 1 else [])
@@ -460,25 +465,30 @@ def aggregate(records: Sequence[dict[str, Any]], names: Sequence[str],
             row = {
                 "group": group, "method": name, "items": len(per_item), "gt_items": len(with_truth),
                 "identical_items": sum(r["identical_to_full"] for r in per_item),
-                **{c: _mean([r[c] for r in per_item]) for c in ("denoise_s", "speedup", "flops_ratio", *SCORES)},
-                "gt_vfid": None, "full_vfid": None,
+                **{c: _mean([r[c] for r in per_item]) for c in ("denoise_s", "speedup", "flops_ratio")},
+                "flag": method_flag(name), **{c: _mean([r[c] for r in per_item]) for c in SCORES},
+                **{f"{ref}_{d}": None for d in DISTANCES for ref in REFERENCES},
             }
             if features is not None:
                 ids = [r["item"] for r in per_item]
-                row["gt_vfid"] = _set_vfid(features, with_truth, GROUND_TRUTH, name, f"{group}: gt_vfid", notes)
-                if name != REFERENCE:
-                    row["full_vfid"] = _set_vfid(features, ids, REFERENCE, name, f"{group}: full_vfid", notes)
+                for distance in DISTANCES:
+                    row[f"gt_{distance}"] = _set_distance(features, with_truth, GROUND_TRUTH, name, distance,
+                                                          f"{group}: gt_{distance}", notes)
+                    if name != REFERENCE:
+                        row[f"full_{distance}"] = _set_distance(features, ids, REFERENCE, name, distance,
+                                                                f"{group}: full_{distance}", notes)
             rows.append(row)
     return rows, list(dict.fromkeys(notes))
 
 
-def _set_vfid(features: dict[str, dict[str, np.ndarray]], ids: Sequence[str], reference: str, name: str,
-              label: str, notes: list[str]) -> float | None:
+def _set_distance(features: dict[str, dict[str, np.ndarray]], ids: Sequence[str], reference: str, name: str,
+                  distance: str, label: str, notes: list[str]) -> float | None:
     sets = [[features[i][key] for i in ids if i in features and key in features[i]] for key in (reference, name)]
     if not all(sets):
         return None
+    measure = {"vfid": vfid, "kid": kid}[distance]
     try:
-        return vfid(np.concatenate(sets[0]), np.concatenate(sets[1]))
+        return measure(np.concatenate(sets[0]), np.concatenate(sets[1]))
     except ValueError as error:
         notes.append(f"{label}: not computed: {error} ({len(ids)} items)")
         return None
@@ -497,27 +507,30 @@ def _markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str,
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
              "|" + "|".join("---" if pattern == "{}" else "---:" for _, _, pattern in columns) + "|"]
     for row in rows:
-        cells = [_fmt(row[key], pattern) if key != "plan" else (f"`{row[key]}`" if row[key] else "-")
-                 for key, _, pattern in columns]
+        cells = [(f"`{row[key]}`" if row[key] else "-") if key == "plan" else (short_flag(row[key]) or "-")
+                 if key == "flag" else _fmt(row[key], pattern) for key, _, pattern in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 _ITEM_MD = (
     ("item", "item", "{}"), ("task", "task", "{}"), ("method", "method", "{}"), ("plan", "plan", "{}"),
-    ("speedup", "speedup", "{:.2f}x"), ("flops_ratio", "FLOPs", "{:.2f}"), ("gt_psnr_mask", "GT PSNR mask", "{:.2f}"),
-    ("gt_ssim_mask", "GT SSIM mask", "{:.4f}"), ("gt_lpips", "GT LPIPS", "{:.4f}"),
-    ("gt_temporal_mask", "GT temporal", "{:.2f}"), ("full_psnr_mask", "full PSNR mask", "{:.2f}"),
-    ("full_ssim_mask", "full SSIM mask", "{:.4f}"), ("full_psnr_band", "full PSNR band", "{:.2f}"),
-    ("full_temporal_mask", "full temporal", "{:.2f}"),
+    ("speedup", "speedup", "{:.2f}x"), ("flops_ratio", "FLOPs", "{:.2f}"),
+    ("gt_psnr_mask_per_frame", "GT PSNR mask", "{:.2f}"), ("gt_ssim_mask", "GT SSIM mask", "{:.4f}"),
+    ("gt_lpips_mask", "GT LPIPS mask", "{:.4f}"), ("gt_temporal_mask", "GT temporal", "{:.2f}"),
+    ("full_psnr_mask_per_frame", "full PSNR mask", "{:.2f}"), ("full_ssim_mask", "full SSIM mask", "{:.4f}"),
+    ("full_psnr_band_per_frame", "full PSNR band", "{:.2f}"), ("full_temporal_mask", "full temporal", "{:.2f}"),
+    ("flag", "flag", "{}"),
 )
 _AGGREGATE_MD = (
     ("group", "group", "{}"), ("method", "method", "{}"), ("items", "items", "{}"), ("speedup", "speedup", "{:.2f}x"),
-    ("flops_ratio", "FLOPs", "{:.2f}"), ("gt_psnr_mask", "GT PSNR mask", "{:.2f}"),
-    ("gt_ssim_mask", "GT SSIM mask", "{:.4f}"), ("gt_psnr_frame", "GT PSNR frame", "{:.2f}"),
-    ("gt_lpips", "GT LPIPS", "{:.4f}"), ("gt_temporal_mask", "GT temporal", "{:.2f}"), ("gt_vfid", "GT VFID", "{:.3f}"),
-    ("full_psnr_mask", "full PSNR mask", "{:.2f}"), ("full_ssim_mask", "full SSIM mask", "{:.4f}"),
-    ("full_psnr_band", "full PSNR band", "{:.2f}"), ("full_vfid", "full VFID", "{:.3f}"),
+    ("flops_ratio", "FLOPs", "{:.2f}"), ("gt_psnr_mask_per_frame", "GT PSNR mask", "{:.2f}"),
+    ("gt_ssim_mask", "GT SSIM mask", "{:.4f}"), ("gt_psnr_frame_per_frame", "GT PSNR frame", "{:.2f}"),
+    ("gt_lpips", "GT LPIPS", "{:.4f}"), ("gt_lpips_mask", "GT LPIPS mask", "{:.4f}"),
+    ("gt_temporal_mask", "GT temporal", "{:.2f}"), ("gt_vfid", "GT VFID", "{:.3f}"), ("gt_kid", "GT KID", "{:.4f}"),
+    ("full_psnr_mask_per_frame", "full PSNR mask", "{:.2f}"), ("full_ssim_mask", "full SSIM mask", "{:.4f}"),
+    ("full_psnr_band_per_frame", "full PSNR band", "{:.2f}"), ("full_vfid", "full VFID", "{:.3f}"),
+    ("full_kid", "full KID", "{:.4f}"), ("flag", "flag", "{}"),
 )
 
 
@@ -528,8 +541,10 @@ def _header(settings: dict[str, Any], title: str) -> list[str]:
         f"{s['dataset']} ({s['layout']}), {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']}, "
         f"{s['device']}/{s['dtype']}, model {s['model']}.", "",
         "Scores of each method's raw output: `GT` against the ground truth (inpainting items only), `full` against "
-        "the `full` method's output. PSNR (dB), SSIM, LPIPS; temporal = mean |frame difference - reference's frame "
-        "difference| inside the mask, in 8-bit levels (docs/EVAL.md). CSV and JSON hold every column.", "",
+        "the `full` method's output. PSNR (dB): the mean over frames of each frame's PSNR (pooled PSNRs are in the "
+        "CSV and JSON); SSIM; LPIPS over the frame and inside the mask; temporal = mean |frame difference - "
+        "reference's frame difference| inside the mask, in 8-bit levels; VFID and KID over the group's clips "
+        "(docs/EVAL.md). Flags: docs/RESULTS_SCHEMA.md. CSV and JSON hold every column.", "",
     ]
 
 
@@ -551,7 +566,7 @@ def write_tables(out: Path, settings: dict[str, Any], records: Sequence[dict[str
     tail += ["", "Notes:", ""] + [f"- {n}" for n in summary["notes"]] if summary["notes"] else []
     item_md = _header(settings, "per item") + _markdown_table(item_rows, _ITEM_MD) + tail
     aggregate_md = (_header(settings, "aggregate") + _markdown_table(rows, _AGGREGATE_MD)
-                    + ["", "Means over items; VFID over the clips of all items of the group."] + tail)
+                    + ["", "Means over items; VFID and KID over the clips of all items of the group."] + tail)
     files.write_bytes(out / "per_item.md", ("\n".join(item_md) + "\n").encode())
     files.write_bytes(out / "aggregate.md", ("\n".join(aggregate_md) + "\n").encode())
     return summary
@@ -590,12 +605,15 @@ def eval_main(
     lpips_weights: Path | str | None,
     i3d_weights: Path | str | None,
     limit: int | None,
+    method_options: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """`hetcache eval`: every method on every item of a dataset; resumes finished items; writes per-item and
-    aggregate tables into `out`. Returns aggregate.json's content."""
+    aggregate tables into `out`. `method_options` ({method: {option: value}}) go to the methods' configs.
+    Returns aggregate.json's content."""
     names = bench.parse_methods(methods)
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
+    configs = method_configs(names, steps=steps, options=method_options)
     if limit is not None and limit < 1:
         raise UserError(f"limit must be at least 1, got {limit}")
     out = Path(out)
@@ -605,17 +623,18 @@ def eval_main(
     items = found.items[:limit]
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    lpips = LPIPS(lpips_weights, torch_device) if lpips_weights else None
-    i3d = I3D(i3d_weights, torch_device) if i3d_weights else None
+    lpips = LPIPS.from_file(lpips_weights, torch_device) if lpips_weights else None
+    i3d = I3D.from_file(i3d_weights, torch_device) if i3d_weights else None
     key = {
         "layout": layout, "model": model, "steps": steps, "frames": frames, "height": height, "width": width,
         "seed": seed, "guidance": guidance, "device": torch_device.type,
         "dtype": str(torch_dtype).removeprefix("torch."), "band_px": BAND_PX,
         "lpips": str(lpips_weights) if lpips_weights else None, "i3d": str(i3d_weights) if i3d_weights else None,
+        "method_options": method_options or {},
     }
     settings = _settings(dataset, key, names, limit, torch_device)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = _Context(key, bench._configs(names), steps, seed, guidance, BAND_PX, lpips, i3d, _say)
+    ctx = _Context(key, configs, steps, seed, guidance, BAND_PX, lpips, i3d, _say)
     pipe = None
     records, failed = [], []
     for item in tqdm(items, desc="eval", unit="item", file=sys.stderr):
@@ -662,7 +681,7 @@ def _load(model: str, device: torch.device, dtype: torch.dtype, first: LoadedIte
     """Load the pipeline and make one untimed 1-step run (lazy initialisation, as `hetcache bench` does)."""
     _, height, width = first.mask.shape
     pipe = load_pipeline(model, device, dtype, height=height, width=width)
-    run_edit(pipe, first.video, first.mask, prompt, steps=bench.WARMUP_STEPS, hide_masked=False)
+    run_edit(pipe, first.video, first.mask, prompt, steps=WARMUP_STEPS, hide_masked=False)
     return pipe
 
 

@@ -22,6 +22,8 @@ _OPEN, _CLOSE = "([{", ")]}"
 def parse_value(text: str) -> Any:
     """One literal (see the module docstring)."""
     text = text.strip()
+    if not text:
+        raise UserError("an option value is empty: give one value per key (a tuple goes in brackets in --grid)")
     if text.lower() in _WORDS:
         return _WORDS[text.lower()]
     for kind in (int, float):

@@ -122,6 +122,11 @@ def method_flag(name: str) -> str | None:
     return _FLAGS.get(name)
 
 
+def short_flag(flag: str | None) -> str:
+    """A flag's first words, before its colon ("wrong on VACE", "deviation"), for table cells; "" for None."""
+    return "" if not flag else flag.split(":")[0]
+
+
 def inference_steps(config: Any, steps: int) -> int:
     """The number of steps a method runs when the benchmark asks for `steps` (fewer-steps runs fewer)."""
     fraction = getattr(config, "steps_fraction", 1.0)
@@ -146,5 +151,6 @@ __all__ = [
     "method_config",
     "method_flag",
     "method_options",
+    "short_flag",
     "unavailable_reason",
 ]
