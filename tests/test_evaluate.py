@@ -21,10 +21,10 @@ from hetcache.evaluate import (
     OUTPUT_FILES,
     aggregate,
     eval_main,
-    kid,
     load_item,
     scan_dataset,
 )
+from hetcache.metrics import kid, vfid
 from hetcache.video import write_mask_video, write_video
 
 FRAMES, SIZE, STEPS = 5, 32, 3
@@ -319,14 +319,24 @@ def test_kid_works_where_vfid_has_too_few_clips(evaluated):
     # 3 (folder) or 2 (vace-benchmark) clips with ground truth: enough for KID, not always for VFID; vpbench's
     # editing items have none
     assert (rows["full"]["gt_kid"] is not None) == (layout != "vpbench")
-    features = {}
-    for item in json.loads((out / "per_item.json").read_text())["items"]:
-        with np.load(evaluate._item_dir(out, item["id"]) / "i3d.npz") as archive:
-            features[item["id"]] = {name: archive[name] for name in archive.files}
-    reference = np.concatenate([f["full"] for f in features.values()])
-    generated = np.concatenate([f["fewer-steps"] for f in features.values()])
-    assert rows["fewer-steps"]["full_kid"] == pytest.approx(kid(reference, generated))
     assert "| GT KID |" in (out / "aggregate.md").read_text()
+
+
+def test_set_distances_use_the_clips_of_every_item_of_the_group():
+    rng = np.random.default_rng(0)
+    records, features = [], {}
+    for item in ("a", "b", "c"):
+        rows = [{**dict.fromkeys(ITEM_COLUMNS), "item": item, "task": "t", "method": name,
+                 "identical_to_full": name == "full"} for name in ("full", "pab")]
+        records.append({"id": item, "task": "t", "ground_truth": True, "rows": rows})
+        features[item] = {key: rng.normal(size=(2, 4)) for key in ("full", "pab", "ground_truth")}
+    rows, notes = aggregate(records, ["full", "pab"], features)
+    pab = rows[1]
+    stack = {key: np.concatenate([features[i][key] for i in "abc"]) for key in ("full", "pab", "ground_truth")}
+    assert pab["full_kid"] == pytest.approx(kid(stack["full"], stack["pab"]))
+    assert pab["gt_kid"] == pytest.approx(kid(stack["ground_truth"], stack["pab"]))
+    assert pab["full_vfid"] == pytest.approx(vfid(stack["full"], stack["pab"]))  # 6 clips of 4-d features
+    assert rows[0]["full_kid"] is None and notes == []
 
 
 def test_method_options_are_part_of_the_settings_and_rerun_items(tmp_path):

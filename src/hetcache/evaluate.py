@@ -53,14 +53,21 @@ from hetcache.metrics import (
 )
 from hetcache.pipeline import (
     HIDDEN_GREY,
-    default_flow_shift,
     load_pipeline,
     native_limits,
     resolve_device,
     resolve_dtype,
     run_edit,
 )
-from hetcache.runner import REFERENCE, WARMUP_STEPS, describe_failure, initial_latents, method_configs, run_method
+from hetcache.runner import (
+    REFERENCE,
+    WARMUP_STEPS,
+    describe_failure,
+    fit_scheduler,
+    initial_latents,
+    method_configs,
+    run_method,
+)
 
 SCHEMA = "hetcache-eval/1"
 ITEM_SCHEMA = "hetcache-eval-item/1"
@@ -114,19 +121,20 @@ class Dataset:
     notes: list[str] = field(default_factory=list)
 
 
-def scan_dataset(dataset: str | os.PathLike, layout: str) -> Dataset:
-    """The items of a dataset in `layout` (one of LAYOUTS), sorted; UserError when none can be found."""
+def scan_dataset(dataset: str | os.PathLike, layout: str, default_prompt: str | None = None) -> Dataset:
+    """The items of a dataset in `layout` (one of LAYOUTS), sorted; UserError when none can be found.
+    `default_prompt` is the prompt of items that have none."""
     path = Path(dataset)
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if not path.exists():
         raise UserError(f"dataset not found: {path}: check the path")
     if layout == "vpbench":
-        found = _scan_vpbench(path)
+        found = _scan_vpbench(path, default_prompt)
     elif not path.is_dir():
         raise UserError(f"dataset {path} is a file: the {layout} layout is a folder")
     else:
-        found = _scan_vace(path) if layout == "vace-benchmark" else _scan_folder(path)
+        found = (_scan_vace if layout == "vace-benchmark" else _scan_folder)(path, default_prompt)
     if not found.items:
         raise UserError(f"no items found in {path} for layout {layout}: see docs/EVAL.md for the expected files")
     return found
@@ -139,7 +147,7 @@ def _read_prompt(path: Path) -> str | None:
     return text or None
 
 
-def _scan_folder(root: Path) -> Dataset:
+def _scan_folder(root: Path, default_prompt: str | None) -> Dataset:
     """ROOT/<item>/video.mp4, mask.mp4 (or mask.png), prompt.txt, optional ground_truth.mp4."""
     items = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -148,7 +156,7 @@ def _scan_folder(root: Path) -> Dataset:
             continue
         mask = next((folder / n for n in ("mask.mp4", "mask.png") if (folder / n).is_file()), None)
         truth = folder / "ground_truth.mp4"
-        prompt = _read_prompt(folder / "prompt.txt")
+        prompt = _read_prompt(folder / "prompt.txt") or default_prompt
         problem = ("no mask.mp4 or mask.png" if mask is None else
                    "no prompt.txt (or it is empty)" if prompt is None else None)
         items.append(Item(folder.name, "inpainting" if truth.is_file() else "editing", prompt, video, mask,
@@ -156,7 +164,7 @@ def _scan_folder(root: Path) -> Dataset:
     return Dataset(items)
 
 
-def _scan_vace(root: Path) -> Dataset:
+def _scan_vace(root: Path, default_prompt: str | None) -> Dataset:
     """Every [<id>_]src_video.mp4 under ROOT with its [<id>_]src_mask.mp4, optional [<id>_]raw_video.mp4 or
     [<id>_]ori_video.mp4 (ground truth), and a prompt from [<id>_]prompt.txt or ROOT/metadata.jsonl."""
     metadata = _vace_metadata(root / _VACE_METADATA)
@@ -178,7 +186,8 @@ def _scan_vace(root: Path) -> Dataset:
             continue
         truth = next((folder / f"{prefix}{n}" for n in ("raw_video.mp4", "ori_video.mp4")
                       if (folder / f"{prefix}{n}").is_file()), None)
-        prompt = _read_prompt(folder / f"{prefix}prompt.txt") or (str(meta.get("prompt") or "").strip() or None)
+        prompt = (_read_prompt(folder / f"{prefix}prompt.txt") or str(meta.get("prompt") or "").strip()
+                  or default_prompt)
         problem = None if prompt is not None else f"no {prefix}prompt.txt and no prompt in {_VACE_METADATA}"
         items.append(Item(item_id, str(meta.get("task") or folder.name), prompt, video, mask, truth, problem=problem))
     notes = []
@@ -209,7 +218,7 @@ def _vace_metadata(path: Path) -> dict[str, dict]:
     return rows
 
 
-def _scan_vpbench(path: Path) -> Dataset:
+def _scan_vpbench(path: Path, default_prompt: str | None) -> Dataset:
     """VPBench: a CSV (default ROOT/our_video_edit.csv) of clips of ROOT's raw videos and .npz object-id masks."""
     table, root = (path, path.parent) if path.is_file() else (path / _VPBENCH_DEFAULT_CSV, path)
     if not table.is_file():
@@ -233,7 +242,7 @@ def _scan_vpbench(path: Path) -> Dataset:
         video, mask = folder / name, root / "video_inpainting" / source / base / "all_masks.npz"
         item_id = base if base not in seen else f"{base}-{number}"
         seen.add(item_id)
-        prompt = (row.get(prompt_column) or "").strip() or None
+        prompt = (row.get(prompt_column) or "").strip() or default_prompt
         try:
             mask_id, frame_range = int(row["mask_id"]), (int(row["start_frame"]), int(row["end_frame"]))
         except ValueError:
@@ -653,7 +662,7 @@ def eval_main(
         _say(f"{item.id} ({item.task}, {'ground truth' if loaded.ground_truth is not None else 'no ground truth'})")
         if pipe is None:
             pipe = _load(model, torch_device, torch_dtype, loaded, item.prompt)
-        _set_flow_shift(pipe, *loaded.mask.shape[1:])
+        fit_scheduler(pipe, *loaded.mask.shape[1:])
         try:
             records.append(evaluate_item(pipe, item, loaded, ctx, folder))
         except (UserError, RuntimeError, ValueError) as error:
@@ -683,13 +692,6 @@ def _load(model: str, device: torch.device, dtype: torch.dtype, first: LoadedIte
     pipe = load_pipeline(model, device, dtype, height=height, width=width)
     run_edit(pipe, first.video, first.mask, prompt, steps=WARMUP_STEPS, hide_masked=False)
     return pipe
-
-
-def _set_flow_shift(pipe: Any, height: int, width: int) -> None:
-    """Items may differ in size: each gets the scheduler shift of its own size class."""
-    shift = default_flow_shift(height, width)
-    if pipe.scheduler.config.get("flow_shift") != shift:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=shift)
 
 
 def _settings(dataset: Any, key: dict[str, Any], names: Sequence[str], limit: int | None,

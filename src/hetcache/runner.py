@@ -26,7 +26,7 @@ import hetcache
 from hetcache.config import HetCacheConfig
 from hetcache.errors import UserError
 from hetcache.methods import check_method_name, check_options, method_config
-from hetcache.pipeline import run_edit
+from hetcache.pipeline import default_flow_shift, run_edit
 
 REFERENCE = "full"
 WARMUP_STEPS = 1  # one untimed run of the plain pipeline pays for lazy initialisation (CUDA context, allocator)
@@ -85,6 +85,13 @@ def compile_blocks(pipe: Any) -> None:
     for block in [*transformer.blocks, *transformer.vace_blocks]:
         block.forward = torch.compile(block.forward)
     setattr(transformer, _COMPILED_FLAG, True)
+
+
+def fit_scheduler(pipe: Any, height: int, width: int) -> None:
+    """Clips may differ in size: each gets the scheduler shift of its own size class (`default_flow_shift`)."""
+    shift = default_flow_shift(height, width)
+    if pipe.scheduler.config.get("flow_shift") != shift:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=shift)
 
 
 @dataclass
