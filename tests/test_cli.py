@@ -339,3 +339,40 @@ def test_bad_method_options_exit_2_with_one_line(option, expected, clip_files, t
                     ["eval", "--dataset", tmp_path, "--out", tmp_path / "e", "--methods", "teacache"]):
         assert_user_error(invoke(*command, "--method-option", option, *TINY), expected)
     assert not (tmp_path / "b").exists() and not (tmp_path / "o.mp4").exists()
+
+
+def test_sweep_writes_every_file_and_prints_the_report(clip_files, tmp_path):
+    from hetcache import sweep
+
+    assert cli.SWEEP_METHODS.split(",") == list(sweep.DEFAULT_METHODS)
+    video, mask = clip_files
+    out = tmp_path / "sweep"
+    result = invoke("sweep", video, "--mask", mask, "-p", "a road", "--out", out, "--methods", "fewer-steps,teacache",
+                    "--grid", "fewer-steps.steps_fraction=0.5", "--grid", "teacache.delta=0.5,1000",
+                    "--method-option", "teacache.warmup_steps=1", *TINY[:2], "--steps", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {*sweep.RESULT_FILES, "runs"}
+    labels = [row["label"] for row in json.loads((out / "results.json").read_text())["points"]]
+    assert labels == ["full", "fewer-steps steps_fraction=0.5", "teacache delta=0.5 warmup_steps=1",
+                      "teacache delta=1000 warmup_steps=1"]
+    assert result.stdout.startswith("# hetcache sweep") and "sweep: 100%" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--grid", "teacache.dleta=1"], "unknown option 'dleta' for teacache"),
+        (["--grid", "nope.delta=1"], "unknown method 'nope'"),
+        (["--grid", "pab.self_attention_range=2"], "--grid for pab, which is not among the swept methods"),
+        (["--methods", "teacache,nope"], "unknown method 'nope'"),
+        (["--mask", "{tmp}/missing.mp4"], "not found"),
+    ],
+)
+def test_sweep_bad_input_exits_2_with_one_line(args, expected, clip_files, tmp_path):
+    video, mask = clip_files
+    args = [str(a).format(tmp=tmp_path) for a in args]
+    base = ["sweep", video, "-p", "a road", "--out", tmp_path / "s", "--methods", "teacache", *TINY]
+    if "--mask" not in args:
+        base[2:2] = ["--mask", mask]
+    assert_user_error(invoke(*base, *args), expected)
+    assert not (tmp_path / "s").exists()

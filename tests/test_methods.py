@@ -339,6 +339,7 @@ def test_method_options_are_checked_against_each_config():
         check_options("hetcache-fast", {"delta": 0.1, "budget": 0.3})
     with pytest.raises(UserError, match="broadcast ranges must be >= 1"):
         check_options("pab", {"self_attention_range": 0})
+    assert check_options("diffusers-magcache", {"threshold": 0.1}) == {"threshold": 0.1}  # ratios come later
 
 
 def test_hetcache_is_the_engine_with_every_knob_and_the_presets_take_a_delta():

@@ -416,34 +416,38 @@ def plan_table(
     denoising. `target` is a WanVACEPipeline (its scheduler gives the timesteps) or the transformer; `mask` is the
     pixel mask [F, H, W] (True = generate) that sets the token counts. Content-adaptive methods have no plan
     before they run: their `plan` and `flops_ratio` are None."""
+    return [plan_row(target, steps, name, method_config(name, steps=steps, **(overrides or {}).get(name, {})),
+                     mask=mask, text_len=text_len) for name in parse_methods(methods)]
+
+
+def plan_row(target: Any, steps: int, name: str, config: Any, *, mask: torch.Tensor,
+             text_len: int = 512) -> dict[str, Any]:
+    """One method's step plan and analytic FLOPs share of `full` for `steps` steps (see `plan_table`), from its
+    config: {"name", "steps", "plan", "flops_ratio", "note"}."""
     transformer = getattr(target, "transformer", target)
     shape = flops.ModelShape.from_config(transformer.config)
     grid = tokens.latent_grid(tuple(mask.shape), tuple(transformer.config.patch_size))
     n = grid[0] * grid[1] * grid[2]
     dense = flops.forward_flops(shape, n, n, text_len, text_kv=False)
-    rows = []
-    for name in parse_methods(methods):
-        config = method_config(name, steps=steps, **(overrides or {}).get(name, {}))
-        row = {"name": name, "steps": inference_steps(config, steps), "plan": None, "flops_ratio": None, "note": ""}
-        if isinstance(config, HetCacheConfig):
-            letters = hetcache.plan_for(target, steps, config, mask=mask, text_len=text_len)
-            partition = tokens.partition_from_pixel_mask(
-                mask, grid, margin=config.margin, gen_threshold=config.gen_threshold,
-                temporal_margin=config.temporal_margin)
-            partial = flops.forward_flops(shape, n, partial_row_count(partition, config), text_len, text_kv=False)
-            reuse = flops.forward_flops(shape, n, 0, text_len, text_kv=False)
-            row["plan"] = letters
-            row["flops_ratio"] = plan.plan_cost(letters, dense, partial, reuse) / (steps * dense)
-        elif isinstance(config, FullConfig):
-            row["plan"] = "F" * row["steps"]
-            row["flops_ratio"] = row["steps"] / steps
-        elif isinstance(config, PABConfig):
-            timesteps = preview_timesteps(getattr(target, "scheduler", None), steps).tolist()
-            row["plan"], row["flops_ratio"] = _pab_plan(config, timesteps, shape, n, text_len)
-        else:
-            row["note"] = "content-adaptive: decided while denoising"
-        rows.append(row)
-    return rows
+    row = {"name": name, "steps": inference_steps(config, steps), "plan": None, "flops_ratio": None, "note": ""}
+    if isinstance(config, HetCacheConfig):
+        letters = hetcache.plan_for(target, steps, config, mask=mask, text_len=text_len)
+        partition = tokens.partition_from_pixel_mask(
+            mask, grid, margin=config.margin, gen_threshold=config.gen_threshold,
+            temporal_margin=config.temporal_margin)
+        partial = flops.forward_flops(shape, n, partial_row_count(partition, config), text_len, text_kv=False)
+        reuse = flops.forward_flops(shape, n, 0, text_len, text_kv=False)
+        row["plan"] = letters
+        row["flops_ratio"] = plan.plan_cost(letters, dense, partial, reuse) / (steps * dense)
+    elif isinstance(config, FullConfig):
+        row["plan"] = "F" * row["steps"]
+        row["flops_ratio"] = row["steps"] / steps
+    elif isinstance(config, PABConfig):
+        timesteps = preview_timesteps(getattr(target, "scheduler", None), steps).tolist()
+        row["plan"], row["flops_ratio"] = _pab_plan(config, timesteps, shape, n, text_len)
+    else:
+        row["note"] = "content-adaptive: decided while denoising"
+    return row
 
 
 def _pab_plan(config: PABConfig, timesteps: list[float], shape: flops.ModelShape, n: int,

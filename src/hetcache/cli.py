@@ -1,5 +1,6 @@
 """The `hetcache` command line: `edit` a masked region of a video, run the built-in `demo`, `bench` the caches
-against each other on a video, or preview their step `plan`s.
+against each other on a video, `sweep` each over a grid of its knob on one or more clips, or preview their step
+`plan`s.
 
 The commands only parse options, call `video`, `pipeline`, `bench` and `hetcache.enable`, and report. Any
 `UserError` ends the command with one `error: ...` line on stderr and exit code 2, as do typer's own usage errors.
@@ -27,7 +28,7 @@ from tqdm import tqdm
 import hetcache
 from hetcache import video as vio
 from hetcache.errors import UserError
-from hetcache.options import parse_method_options
+from hetcache.options import parse_grids, parse_method_options
 from hetcache.pipeline import (
     DEFAULT_MODEL,
     PROXY,
@@ -57,6 +58,9 @@ TUNABLE_METHODS = ("hetcache",)
 PEER_METHODS = ("diffusers-fbc", "diffusers-magcache", "cache-dit")
 METHOD_NAMES = OWN_METHODS + TUNABLE_METHODS + PEER_METHODS
 BENCH_METHODS = ",".join(OWN_METHODS)
+# `hetcache.sweep.DEFAULT_METHODS`, repeated for the same reason (tests/test_cli.py checks they agree).
+SWEEP_METHODS = ",".join(("fewer-steps", "hetcache", "teacache", "pab", "adacache", "fastcache-style", "diffusers-fbc",
+                          "diffusers-magcache", "cache-dit"))
 METHOD_HELP = (
     f"Cache to run: {NO_CACHE} (none), hetcache-fast, hetcache-slow, hetcache (set its knobs with --method-option), "
     f"or a baseline ({', '.join(n for n in METHOD_NAMES if n != NO_CACHE and not n.startswith('hetcache'))})."
@@ -526,6 +530,65 @@ def plan(
         width=width,
         mask=mask,
     )
+
+
+@app.command()
+def sweep(
+    source: Annotated[
+        Path, typer.Argument(help="A video (with --mask or --box and --prompt) or a dataset folder (see --layout).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for results.json/.csv/.md, pareto.png and runs/ (resumable).")],
+    mask: MaskOpt = None,
+    box: BoxOpt = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", "-p", help="What the masked region should show; for a dataset, the prompt of "
+                     "items without one."),
+    ] = None,
+    layout: Annotated[str, typer.Option(help="Dataset layout: folder, vace-benchmark or vpbench.")] = "folder",
+    methods: Annotated[
+        str, typer.Option(help=f"Comma-separated methods to sweep (full runs once per clip as the reference); "
+                          f"default {SWEEP_METHODS}.")
+    ] = SWEEP_METHODS,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option("--grid", help="NAME.KEY=V1,V2,...: the values of a config field to sweep for a method, "
+                     "replacing its default grid (repeatable; several keys of one method are crossed)."),
+    ] = None,
+    method_option: MethodOptionOpt = None,
+    negative_prompt: NegativeOpt = "",
+    model: ModelOpt = DEFAULT_MODEL,
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps; default 50, or 20 for the proxy.")] = None,
+    frames: FramesOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every run of a clip).")] = 0,
+    guidance: ModelGuidanceOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    compile: CompileOpt = False,
+    lpips_weights: Annotated[
+        Path | None, typer.Option(help="LPIPS weights (a state dict file); without it LPIPS is not computed.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Sweep only the first N items of a dataset.")] = None,
+) -> None:
+    """Run each method over a grid of its own knob on one clip or a dataset, and plot PSNR in the mask against
+    FLOPs share and speedup (one curve per method, mean over clips)."""
+    names = [name.strip() for name in methods.split(",") if name.strip() and methods.strip() != "all"]
+    for name in names:
+        check_method(name)
+    grids = parse_grids(grid or [], METHOD_NAMES)
+    options = method_options(method_option)
+    if prompt is not None:
+        check_prompt(prompt)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder")
+    from hetcache.sweep import sweep_main
+
+    sweep_main(source, mask, box, prompt, out=out, methods=methods, grids=grids, method_options=options, model=model,
+               layout=layout, steps=default_steps(model) if steps is None else steps, frames=frames, height=height,
+               width=width, seed=seed, guidance=_guidance(model, guidance), negative_prompt=negative_prompt,
+               device=device, dtype=dtype, compile=compile, lpips_weights=lpips_weights, limit=limit)
 
 
 @app.command("eval")

@@ -111,7 +111,7 @@ def check_options(name: str, options: dict[str, Any], steps: int | None = None) 
     try:
         config = method_config(name, steps=steps, **options)
         if isinstance(config, DiffusersCacheMethod):
-            config.cache_config()  # diffusers checks the values
+            config.check()
     except (TypeError, ValueError) as error:
         raise UserError(f"options {options} for {name}: {error}") from None
     return options

@@ -109,6 +109,12 @@ class DiffusersCacheMethod:
 
         return (FirstBlockCacheConfig if self.kind == "fbc" else MagCacheConfig)(**self.options)
 
+    def check(self) -> None:
+        """Let diffusers check the options now (TypeError / ValueError), before any run; MagCache's `mag_ratios`,
+        which `prepare` calibrates when they are not given, stand in as 1s."""
+        placeholder = {"mag_ratios": [1.0]} if self.kind == "magcache" else {}
+        dataclasses.replace(self, options={**placeholder, **self.options}).cache_config()
+
     def prepare(self, transformer: torch.nn.Module, steps: int, run: Callable[[], Any]) -> None:
         """Before a run of `steps` steps; `run()` runs the pipeline once on the benchmark's inputs."""
         if self.kind != "magcache":
