@@ -8,15 +8,23 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import demo_clip
 
 from hetcache import sweep
 from hetcache.bench import plan_row
 from hetcache.errors import UserError
 from hetcache.methods import method_flag
 from hetcache.pipeline import build_tiny_random_pipeline, load_pipeline
-from hetcache.sweep import DEFAULT_GRIDS, DEFAULT_METHODS, Point, SweepClip, SweepSettings, grid_points, run_sweep
+from hetcache.sweep import (
+    DEFAULT_GRIDS,
+    DEFAULT_METHODS,
+    Point,
+    SweepClip,
+    SweepSettings,
+    grid_points,
+    run_sweep,
+)
 from hetcache.video import write_mask_video, write_video
-from tiny_models import demo_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
