@@ -537,9 +537,12 @@ def write_pareto(path: Path, results: dict[str, Any]) -> list[str]:
         label = method + (f" [{flag}]" if flag else "")
         style = {"color": plt.get_cmap("tab10")(index % 10), "linestyle": "--" if flag else "-", "marker": "o",
                      "markersize": 4, "linewidth": 1.5}
+        # Both panels join the points in the order of the method's FLOPs share (its setting), so the speedup
+        # panel shows how timing follows the same sequence of settings.
+        mine.sort(key=lambda r: (math.inf if r["flops_ratio"] is None else r["flops_ratio"], r["speedup"] or 0.0))
         drawn = False
         for ax, x_key in zip(axes, ("flops_ratio", "speedup")):
-            curve = sorted((r[x_key], r["psnr_mask_per_frame"]) for r in mine if r[x_key] is not None)
+            curve = [(r[x_key], r["psnr_mask_per_frame"]) for r in mine if r[x_key] is not None]
             if curve:
                 ax.plot(*zip(*curve), label=label, **style)
                 drawn = True
@@ -556,8 +559,13 @@ def write_pareto(path: Path, results: dict[str, Any]) -> list[str]:
     fig.suptitle(f"hetcache sweep: {s['model']}, {s['steps']} steps, mean over {clips} clip{'s' * (clips > 1)}",
                  fontsize=11)
     if labels:
-        axes[1].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
+        handles = {}
+        for ax in axes:
+            for handle, name in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(name, handle)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(5, len(handles)), fontsize=8,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     save_figure(fig, path)
     plt.close(fig)
     return labels
