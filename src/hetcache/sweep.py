@@ -70,20 +70,20 @@ RUNS_DIR = "runs"
 DEFAULT_METHODS = ("fewer-steps", "hetcache", "teacache", "pab", "adacache", "fastcache-style", "diffusers-fbc",
                    "diffusers-magcache", "cache-dit")
 # Each method's own knob, over values that span about 0.15-0.75 of dense FLOPs where the method can (measured on
-# the proxy at 20 steps, docs/BENCHMARKS.md). HetCache's plan guards keep it at or above about 0.3 for now: its
-# lowest budgets end at that floor (with a note). PAB only skips attention, so it stays above about 0.5.
+# the proxy at 20 steps on the driving clip, docs/BENCHMARKS.md). HetCache's plan guards keep it at or above about
+# 0.3 for now: its lowest budget ends at that floor (with a note). PAB only skips attention (above about 0.38);
+# diffusers' FirstBlockCache and MagCache run the VACE blocks every step (above about 0.5).
 DEFAULT_GRIDS: dict[str, tuple[dict[str, Any], ...]] = {
     "fewer-steps": tuple({"steps_fraction": f} for f in (0.15, 0.25, 0.35, 0.5, 0.75)),
     "hetcache": tuple({"budget": b} for b in (0.15, 0.33, 0.42, 0.5, 0.6, 0.75)),
     "teacache": tuple({"delta": d} for d in (0.04, 0.06, 0.1, 0.2, 1.0)),
     "pab": tuple({"self_attention_range": s, "cross_attention_range": 3 * s, "timestep_window": w}
                  for s, w in ((2, (100.0, 800.0)), (2, (0.0, 1000.0)), (4, (0.0, 1000.0)), (20, (0.0, 1000.0)))),
-    "adacache": tuple({"codebook_scale": c} for c in (0.5, 1.0, 2.0, 4.0)),
-    "fastcache-style": tuple({"motion_threshold": m, "max_change": c}
-                             for m, c in ((0.05, 0.02), (0.1, 0.05), (0.2, 0.1), (0.4, 0.3))),
-    "diffusers-fbc": tuple({"threshold": t} for t in (0.02, 0.05, 0.1, 0.3)),
-    "diffusers-magcache": tuple({"threshold": t, "max_skip_steps": k} for t, k in ((0.02, 2), (0.06, 3),
-                                                                                   (0.2, 6), (1.0, 20))),
+    "adacache": tuple({"codebook_scale": c} for c in (0.4, 0.5, 1.0, 2.0, 8.0)),
+    "fastcache-style": tuple({"max_change": c} for c in (0.035, 0.04, 0.05, 0.07, 0.1)),
+    "diffusers-fbc": tuple({"threshold": t} for t in (0.05, 0.1, 0.2, 0.4)),
+    "diffusers-magcache": ({"threshold": 0.06}, {"threshold": 0.12}, {"threshold": 0.24},
+                           {"threshold": 1.0, "max_skip_steps": 6}),
     "cache-dit": tuple({"residual_diff_threshold": t} for t in (0.04, 0.08, 0.16, 0.32)),
 }
 # Means over clips reported for each point (results.csv columns after the point's identity).
