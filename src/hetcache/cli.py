@@ -59,8 +59,7 @@ PEER_METHODS = ("diffusers-fbc", "diffusers-magcache", "cache-dit")
 METHOD_NAMES = OWN_METHODS + TUNABLE_METHODS + PEER_METHODS
 BENCH_METHODS = ",".join(OWN_METHODS)
 # `hetcache.sweep.DEFAULT_METHODS`, repeated for the same reason (tests/test_cli.py checks they agree).
-SWEEP_METHODS = ",".join(("fewer-steps", "hetcache", "teacache", "pab", "adacache", "fastcache-style", "diffusers-fbc",
-                          "diffusers-magcache", "cache-dit"))
+SWEEP_METHODS = "fewer-steps,hetcache,teacache,pab,adacache,fastcache-style,diffusers-fbc,diffusers-magcache,cache-dit"
 METHOD_HELP = (
     f"Cache to run: {NO_CACHE} (none), hetcache-fast, hetcache-slow, hetcache (set its knobs with --method-option), "
     f"or a baseline ({', '.join(n for n in METHOD_NAMES if n != NO_CACHE and not n.startswith('hetcache'))})."
