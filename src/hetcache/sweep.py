@@ -476,7 +476,7 @@ def results_markdown(results: dict[str, Any]) -> str:
               f"{c['mask_share']:.3f} | {c['prompt']} |" for c in clips]
     lines += ["", ("| method | setting | clips | steps | FLOPs | speedup | PSNR mask | pooled | SSIM mask | LPIPS mask "
               "| flag |"), "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for row in sorted(results["points"], key=_curve_order):
+    for row in _sorted_points(results["points"]):
         setting = row["label"][len(row["method"]):].strip() or "-"
         psnr = "=" if row["identical_clips"] == row["clips"] else _fmt(row["psnr_mask_per_frame"], "{:.2f}")
         lines.append(
@@ -489,7 +489,7 @@ def results_markdown(results: dict[str, Any]) -> str:
                   "| point | " + " | ".join(f"`{c['id']}`" for c in clips) + " |",
                   "|---|" + "---:|" * len(clips)]
         by_clip = {(r["clip"], r["label"]): r for r in results["runs"]}
-        for row in sorted(results["points"], key=_curve_order):
+        for row in _sorted_points(results["points"]):
             if row["method"] == REFERENCE:
                 continue
             cells = []
@@ -512,9 +512,15 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _curve_order(row: dict[str, Any]) -> tuple:
-    share = row["flops_ratio"]
-    return (row["method"] != REFERENCE, row["method"], share if share is not None else math.inf, row["label"])
+def _sorted_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`full` first, then each method in the sweep's order, its points by FLOPs share."""
+    order = {method: index for index, method in enumerate(dict.fromkeys(row["method"] for row in points))}
+
+    def key(row: dict[str, Any]) -> tuple:
+        share = row["flops_ratio"]
+        return (row["method"] != REFERENCE, order[row["method"]], share if share is not None else math.inf)
+
+    return sorted(points, key=key)
 
 
 def write_pareto(path: Path, results: dict[str, Any]) -> list[str]:
