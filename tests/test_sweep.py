@@ -164,6 +164,10 @@ def test_the_plot_has_one_curve_per_method_and_flags_the_wrong_ones(swept):
     assert labels == ["fewer-steps", "teacache", "diffusers-fbc [wrong on VACE]"]
     fbc = next(row for row in results["points"] if row["method"] == "diffusers-fbc")
     assert fbc["flag"] == method_flag("diffusers-fbc")
+    assert all(run["flag"] == fbc["flag"] for run in results["runs"] if run["method"] == "diffusers-fbc")
+    with open(out / "results.csv", newline="") as handle:
+        flags = {row["method"]: row["flag"] for row in csv.DictReader(handle)}
+    assert flags == {"full": "", "fewer-steps": "", "teacache": "", "diffusers-fbc": fbc["flag"]}
     assert "| wrong on VACE |" in (out / "results.md").read_text()
 
 
