@@ -223,3 +223,22 @@ def test_clips_come_from_a_video_or_a_dataset_folder(clip_files, tmp_path):
     found, notes = sweep.load_clips(root, None, None, None, "tiny-random", "folder", None, None, None)
     assert [c.id for c in found] == ["b"] and notes == ["a: left out: no prompt.txt (or it is empty)"]
     assert np.array_equal(found[0].mask, demo_clip(frames=13, height=32, width=64)[1])
+
+
+def test_compile_compiles_full_and_every_point_the_same_way(tmp_path, monkeypatch):
+    """torch.compile is replaced by a recorder that returns the function unchanged: this checks the wiring."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(getattr(fn, "__name__", fn)) or fn)
+    pipe = build_tiny_random_pipeline()
+    ran = []
+    original = sweep.run_method
+    monkeypatch.setattr(sweep, "run_method", lambda *a, **k: ran.append(k["untimed_first"]) or original(*a, **k))
+    points = grid_points(["hetcache"], {"hetcache": {"budget": [0.5]}})
+    results = run_sweep(pipe, clips()[:1], points, SweepSettings("tiny-random", 4, compile=True), tmp_path,
+                        show_bar=False)
+    assert compiled.count("forward") == len(pipe.transformer.blocks) + len(pipe.transformer.vace_blocks)
+    assert ran == [True, True]  # full and the point, each with an untimed first run
+    run = next(r for r in results["runs"] if r["method"] == "hetcache")
+    assert results["settings"]["compile"] and "untimed" in results["settings"]["warmup"]
+    stored = json.loads(next((tmp_path / "runs" / "road").glob("hetcache*.json")).read_text())
+    assert stored["key"]["config"]["compile"] is True and run["label"] == "hetcache budget=0.5"
