@@ -546,8 +546,7 @@ def sweep(
     ] = None,
     layout: Annotated[str, typer.Option(help="Dataset layout: folder, vace-benchmark or vpbench.")] = "folder",
     methods: Annotated[
-        str, typer.Option(help=f"Comma-separated methods to sweep (full runs once per clip as the reference); "
-                          f"default {SWEEP_METHODS}.")
+        str, typer.Option(help="Comma-separated methods to sweep (full runs once per clip as the reference).")
     ] = SWEEP_METHODS,
     grid: Annotated[
         list[str] | None,
