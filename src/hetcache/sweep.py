@@ -205,7 +205,8 @@ def _clip_dir(out: Path, clip: SweepClip) -> Path:
 # ------------------------------------------------------------------------------------------------ running
 @dataclass
 class _Clip:
-    """One clip's state while it runs: its folder, key parts, latents, `full`'s frames and time."""
+    """One clip while it runs: its runs folder, the arguments every run shares (latents among them), and `full`'s
+    frames and record (the reference of every score, time and FLOPs share)."""
 
     clip: SweepClip
     folder: Path
@@ -269,7 +270,7 @@ def _open_clip(pipe: Any, clip: SweepClip, settings: SweepSettings, out: Path) -
     fit_scheduler(pipe, *clip.mask.shape[1:])
     latents = initial_latents(pipe, *clip.mask.shape, settings.seed)
     common = {"negative_prompt": settings.negative_prompt, "guidance": settings.guidance, "seed": settings.seed,
-                  "latents": latents}
+              "latents": latents}
     return _Clip(clip, _clip_dir(out, clip), common)
 
 
