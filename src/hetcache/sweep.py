@@ -479,7 +479,10 @@ def results_markdown(results: dict[str, Any]) -> str:
               "| flag |"), "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in _sorted_points(results["points"]):
         setting = row["label"][len(row["method"]):].strip() or "-"
-        psnr = "=" if row["identical_clips"] == row["clips"] else _fmt(row["psnr_mask_per_frame"], "{:.2f}")
+        identical = row["identical_clips"]
+        psnr = "=" if identical == row["clips"] else _fmt(row["psnr_mask_per_frame"], "{:.2f}")
+        if 0 < identical < row["clips"]:
+            psnr += f" ({row['clips'] - identical} clips; {identical} identical)"
         lines.append(
             f"| `{row['method']}` | {setting} | {row['clips']} | {_fmt(row['steps'], '{:g}')} | "
             f"{_fmt(row['flops_ratio'], '{:.3f}')} | {_fmt(row['speedup'], '{:.2f}x')} | {psnr} | "
@@ -496,8 +499,11 @@ def results_markdown(results: dict[str, Any]) -> str:
             cells = []
             for c in clips:
                 run = by_clip.get((c["id"], row["label"]))
-                cells.append("-" if run is None else f"{_fmt(run['psnr_mask_per_frame'], '{:.2f}')} "
-                                                     f"({_fmt(run['flops_ratio'], '{:.2f}')})")
+                if run is None:
+                    cells.append("-")
+                    continue
+                psnr = "=" if run["identical"] else _fmt(run["psnr_mask_per_frame"], "{:.2f}")
+                cells.append(f"{psnr} ({_fmt(run['flops_ratio'], '{:.2f}')})")
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     flags = flag_notes([(row["method"], row["flag"]) for row in results["points"]])
     if flags:
