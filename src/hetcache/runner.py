@@ -31,6 +31,7 @@ from hetcache.pipeline import default_flow_shift, run_edit
 REFERENCE = "full"
 WARMUP_STEPS = 1  # one untimed run of the plain pipeline pays for lazy initialisation (CUDA context, allocator)
 _COMPILED_FLAG = "_hetcache_compiled"
+COMPILED_VARIANTS = 64  # dynamo's recompile limit while blocks are compiled (its default is 8)
 
 
 def initial_latents(pipe: Any, num_frames: int, height: int, width: int, seed: int) -> torch.Tensor:
@@ -82,6 +83,10 @@ def compile_blocks(pipe: Any) -> None:
     transformer = pipe.transformer
     if getattr(transformer, _COMPILED_FLAG, False):
         return
+    # dynamo keeps a few variants of each compiled function before it falls back to eager: VACE block 0 (with
+    # proj_in) differs from the other VACE blocks, and hooks inside a block (PAB's attention hooks) are traced
+    # into it, one variant per broadcast pattern. Room for those, so that no block silently runs eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
     for block in [*transformer.blocks, *transformer.vace_blocks]:
         block.forward = torch.compile(block.forward)
     setattr(transformer, _COMPILED_FLAG, True)
