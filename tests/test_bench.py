@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from hetcache import bench as bench_module
 from hetcache.bench import COLUMNS, RESULT_FILES, bench_main, parse_methods, plan_main, plan_table, run_bench
 from hetcache.errors import UserError
 from hetcache.methods import method_config
@@ -187,3 +188,94 @@ def test_bench_main_rejects_bad_input(clip_files, tmp_path):
         bench_main(prepared, "an empty road", *args, file, None)
     with pytest.raises(UserError, match="prompt"):
         bench_main(prepared, " ", *args, tmp_path, None)
+
+
+# ------------------------------------------------------------------------------------------------ like for like
+@pytest.fixture(scope="module")
+def fair(tmp_path_factory):
+    pipe = build_tiny_random_pipeline()
+    video, mask = demo_clip(frames=9, height=32, width=64)
+    out = tmp_path_factory.mktemp("fair")
+    methods = ["fewer-steps", "hetcache-fast", "fastcache-style", "diffusers-fbc"]
+    results = run_bench(pipe, video, mask, "an empty road", methods, steps=6, seed=0, guidance=5.0, out_dir=out,
+                        fps=8.0, progress=None,
+                        method_options={"diffusers-fbc": {"threshold": 0.3}, "fewer-steps": {"steps_fraction": 0.25}})
+    return results, out
+
+
+def test_fewer_steps_also_runs_at_each_hetcache_rows_flops(fair):
+    results, _ = fair
+    rows = {r["name"]: r for r in results["methods"]}
+    share = rows["hetcache-fast"]["flops_ratio"]
+    matched = f"fewer-steps@{share:.2f}"
+    assert list(rows) == ["full", "fewer-steps", "hetcache-fast", "fastcache-style", "diffusers-fbc", matched]
+    assert rows[matched]["steps"] == round(6 * share) != rows["fewer-steps"]["steps"]
+    assert rows[matched]["flops_ratio"] == pytest.approx(rows[matched]["steps"] / 6)
+    assert rows[matched]["plan"] == "F" * rows[matched]["steps"] and rows[matched]["flag"] is None
+
+
+def test_matched_fewer_steps_skip_step_counts_that_ran():
+    records = [{"name": "full", "steps": 20, "flops_ratio": 1.0}, {"name": "fewer-steps", "steps": 10, "flops_ratio": 0.5},
+               {"name": "hetcache-slow", "steps": 20, "flops_ratio": 0.42}, {"name": "hetcache-fast", "steps": 20,
+                                                                             "flops_ratio": 0.33},
+               {"name": "hetcache", "steps": 20, "flops_ratio": 0.51}, {"name": "pab", "steps": 20, "flops_ratio": 0.3}]
+    matched = bench_module._matched_baselines(records, ["full", "fewer-steps", "hetcache-slow"], 20)
+    assert [(name, config.steps_fraction) for name, config in matched] == [("fewer-steps@0.42", 8 / 20),
+                                                                          ("fewer-steps@0.33", 7 / 20)]
+    assert bench_module._matched_baselines(records, ["full", "hetcache-slow"], 20) == []
+
+
+def test_flags_are_in_every_output_format(fair):
+    results, out = fair
+    flagged = {"fastcache-style": "deviation", "diffusers-fbc": "wrong on VACE"}
+    records = {r["name"]: r for r in json.loads((out / "results.json").read_text())["methods"]}
+    with open(out / "results.csv", newline="") as handle:
+        csv_rows = {row["name"]: row for row in csv.DictReader(handle)}
+    report = (out / "results.md").read_text()
+    for name, record in records.items():
+        word = flagged.get(name)
+        assert (record["flag"] or "").startswith(word or "") and (record["flag"] is None) == (word is None), name
+        assert csv_rows[name]["flag"] == (record["flag"] or ""), name
+        row = next(line for line in report.splitlines() if line.startswith(f"| `{name}` |"))
+        assert row.endswith(f"| {word or '-'} |"), row
+        if word:
+            assert f"- `{name}`: {record['flag']}" in report
+    labels = bench_module._write_pareto(out / "again.png", results["methods"])
+    assert {label for label in labels if "[" in label} == {f"{n} [{w}]" for n, w in flagged.items()}
+
+
+def test_method_options_reach_the_configs_and_unknown_ones_are_refused(fair):
+    results, out = fair
+    rows = {r["name"]: r for r in results["methods"]}
+    assert rows["diffusers-fbc"]["config"]["options"] == {"threshold": 0.3}
+    pipe = build_tiny_random_pipeline()
+    video, mask = demo_clip(frames=9, height=32, width=64)
+    for options, message in (({"pab": {"rnage": 2}}, "unknown option 'rnage' for pab"),
+                             ({"teacache": {"delta": 0.1}}, "not among the methods run")):
+        with pytest.raises(UserError, match=message):
+            run_bench(pipe, video, mask, "a road", ["pab"], steps=2, out_dir=out / "x", method_options=options)
+    assert not (out / "x").exists()
+
+
+def test_compile_compiles_the_reference_and_every_method_the_same_way(tmp_path, monkeypatch):
+    """torch.compile is replaced by a recorder that returns the function unchanged: this checks the wiring."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(getattr(fn, "__name__", fn)) or fn)
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 8  # dynamo's default
+    pipe = build_tiny_random_pipeline()
+    video, mask = demo_clip(frames=9, height=32, width=64)
+    try:
+        results = run_bench(pipe, video, mask, "a road", ["hetcache-fast"], steps=4, out_dir=tmp_path, compile=True,
+                            progress=None)
+        raised = torch._dynamo.config.recompile_limit
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+    blocks = len(pipe.transformer.blocks) + len(pipe.transformer.vace_blocks)
+    assert compiled.count("forward") == blocks  # every block once, before any method
+    assert raised >= 64  # room for VACE block 0's and in-block hooks' variants
+    assert {"block_rows", "vace_block_rows"} <= set(compiled)  # the engine's own maths
+    assert results["settings"]["compile"] and "untimed" in results["settings"]["warmup"]
+    assert results["methods"][1]["config"]["compile"] is True
+    run_bench(pipe, video, mask, "a road", ["pab"], steps=2, out_dir=tmp_path, compile=True, progress=None)
+    assert compiled.count("forward") == blocks  # a compiled pipeline is not compiled again

@@ -312,3 +312,69 @@ def test_eval_runs_a_folder_dataset_with_the_default_guidance(clip_files, tmp_pa
                     *TINY)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "aggregate.json").read_text())["settings"]["guidance"] == 5.0
+
+
+def test_method_options_set_a_methods_config(clip_files, tmp_path):
+    video, mask = clip_files
+    result = invoke("edit", video, "--mask", mask, "-p", "a road", "-o", tmp_path / "o.mp4", "--method", "teacache",
+                    "--method-option", "teacache.delta=1000", "--method-option", "teacache.warmup_steps=1", *TINY[:2],
+                    "--steps", "4", "--device", "cpu", "--no-side-by-side")
+    assert result.exit_code == 0, result.output
+    assert "method   teacache: plan FRRF (4 steps)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("teacache.dleta=0.1", "unknown option 'dleta' for teacache: use one of delta, kappa"),
+        ("tea.delta=0.1", "unknown method 'tea'"),
+        ("teacache.delta", "is not NAME.KEY=VALUE"),
+        ("pab.self_attention_range=2", "--method-option for pab, which is not among the methods run"),
+        ("teacache.delta=-1", "options {'delta': -1} for teacache: delta must be >= 0"),
+        ("teacache.delta=0.1,", "an option value is empty"),
+    ],
+)
+def test_bad_method_options_exit_2_with_one_line(option, expected, clip_files, tmp_path):
+    video, mask = clip_files
+    for command in (["edit", video, "--mask", mask, "-p", "a road", "-o", tmp_path / "o.mp4", "--method", "teacache"],
+                    ["bench", video, "--mask", mask, "-p", "a road", "--out", tmp_path / "b", "--methods", "teacache"],
+                    ["eval", "--dataset", tmp_path, "--out", tmp_path / "e", "--methods", "teacache"]):
+        assert_user_error(invoke(*command, "--method-option", option, *TINY), expected)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "o.mp4").exists()
+
+
+def test_sweep_writes_every_file_and_prints_the_report(clip_files, tmp_path):
+    from hetcache import sweep
+
+    assert cli.SWEEP_METHODS.split(",") == list(sweep.DEFAULT_METHODS)
+    video, mask = clip_files
+    out = tmp_path / "sweep"
+    result = invoke("sweep", video, "--mask", mask, "-p", "a road", "--out", out, "--methods", "fewer-steps,teacache",
+                    "--grid", "fewer-steps.steps_fraction=0.5", "--grid", "teacache.delta=0.5,1000",
+                    "--method-option", "teacache.warmup_steps=1", *TINY[:2], "--steps", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {*sweep.RESULT_FILES, "runs"}
+    labels = [row["label"] for row in json.loads((out / "results.json").read_text())["points"]]
+    assert labels == ["full", "fewer-steps steps_fraction=0.5", "teacache delta=0.5 warmup_steps=1",
+                      "teacache delta=1000 warmup_steps=1"]
+    assert result.stdout.startswith("# hetcache sweep") and "sweep: 100%" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--grid", "teacache.dleta=1"], "unknown option 'dleta' for teacache"),
+        (["--grid", "nope.delta=1"], "unknown method 'nope'"),
+        (["--grid", "pab.self_attention_range=2"], "--grid for pab, which is not among the swept methods"),
+        (["--methods", "teacache,nope"], "unknown method 'nope'"),
+        (["--mask", "{tmp}/missing.mp4"], "not found"),
+    ],
+)
+def test_sweep_bad_input_exits_2_with_one_line(args, expected, clip_files, tmp_path):
+    video, mask = clip_files
+    args = [str(a).format(tmp=tmp_path) for a in args]
+    base = ["sweep", video, "-p", "a road", "--out", tmp_path / "s", "--methods", "teacache", *TINY]
+    if "--mask" not in args:
+        base[2:2] = ["--mask", mask]
+    assert_user_error(invoke(*base, *args), expected)
+    assert not (tmp_path / "s").exists()

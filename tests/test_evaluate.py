@@ -24,6 +24,7 @@ from hetcache.evaluate import (
     load_item,
     scan_dataset,
 )
+from hetcache.metrics import kid, vfid
 from hetcache.video import write_mask_video, write_video
 
 FRAMES, SIZE, STEPS = 5, 32, 3
@@ -126,9 +127,13 @@ def run(dataset: Path, layout: str, out: Path, **options) -> dict:
 
 @pytest.fixture(scope="module")
 def i3d_file(tmp_path_factory) -> Path:
+    """An I3D weights path whose loading is replaced by the 2-d ChannelMeans stand-in: a real I3D's 1024-d features
+    would need 1,025 clips per set for VFID (the real network's loading is tested in test_metrics)."""
     path = tmp_path_factory.mktemp("i3d") / "i3d.pt"
-    torch.jit.save(torch.jit.script(ChannelMeans()), str(path))
-    return path
+    path.write_bytes(b"stand-in")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate.I3D, "from_file", classmethod(lambda cls, p, device="cpu", batch=4: cls(ChannelMeans())))
+        yield path
 
 
 @pytest.fixture(scope="module", params=list(MAKERS))
@@ -305,3 +310,43 @@ def test_vfid_below_the_minimum_is_flagged_not_computed():
     assert rows[0]["gt_vfid"] is None
     assert notes == ["all: gt_vfid: not computed: VFID needs at least 5 clips per set for 4-d features, got 2 "
                      "(1 items)"]
+
+
+def test_kid_works_where_vfid_has_too_few_clips(evaluated):
+    layout, _, out, summary = evaluated
+    rows = {r["method"]: r for r in summary["rows"] if r["group"] == "all"}
+    assert rows["full"]["full_kid"] is None and rows["fewer-steps"]["full_kid"] is not None
+    # 3 (folder) or 2 (vace-benchmark) clips with ground truth: enough for KID, not always for VFID; vpbench's
+    # editing items have none
+    assert (rows["full"]["gt_kid"] is not None) == (layout != "vpbench")
+    assert "| GT KID |" in (out / "aggregate.md").read_text()
+
+
+def test_set_distances_use_the_clips_of_every_item_of_the_group():
+    rng = np.random.default_rng(0)
+    records, features = [], {}
+    for item in ("a", "b", "c"):
+        rows = [{**dict.fromkeys(ITEM_COLUMNS), "item": item, "task": "t", "method": name,
+                 "identical_to_full": name == "full"} for name in ("full", "pab")]
+        records.append({"id": item, "task": "t", "ground_truth": True, "rows": rows})
+        features[item] = {key: rng.normal(size=(2, 4)) for key in ("full", "pab", "ground_truth")}
+    rows, notes = aggregate(records, ["full", "pab"], features)
+    pab = rows[1]
+    stack = {key: np.concatenate([features[i][key] for i in "abc"]) for key in ("full", "pab", "ground_truth")}
+    assert pab["full_kid"] == pytest.approx(kid(stack["full"], stack["pab"]))
+    assert pab["gt_kid"] == pytest.approx(kid(stack["ground_truth"], stack["pab"]))
+    assert pab["full_vfid"] == pytest.approx(vfid(stack["full"], stack["pab"]))  # 6 clips of 4-d features
+    assert rows[0]["full_kid"] is None and notes == []
+
+
+def test_method_options_are_part_of_the_settings_and_rerun_items(tmp_path):
+    root = make_folder(tmp_path / "d")
+    first = run(root, "folder", tmp_path / "out", methods="full,teacache", limit=1)
+    assert first["settings"]["method_options"] == {}
+    options = {"teacache": {"delta": 1e3, "warmup_steps": 1}}
+    again = run(root, "folder", tmp_path / "out", methods="full,teacache", limit=1, method_options=options)
+    assert again["settings"]["method_options"] == options
+    teacache = next(r for r in again["rows"] if r["method"] == "teacache")
+    assert teacache["flops_ratio"] < 1  # the new options ran: the default warm-up would have computed every step
+    with pytest.raises(UserError, match="unknown option 'dleta' for teacache"):
+        run(root, "folder", tmp_path / "out", methods="full,teacache", method_options={"teacache": {"dleta": 1}})

@@ -20,7 +20,15 @@ from hetcache import flops
 from tiny_models import demo_clip
 from hetcache.core import HOOK_NAME
 from hetcache.errors import UserError
-from hetcache.methods import METHOD_NAMES, inference_steps, method_config, unavailable_reason
+from hetcache.methods import (
+    METHOD_NAMES,
+    check_options,
+    inference_steps,
+    method_config,
+    method_flag,
+    method_options,
+    unavailable_reason,
+)
 from hetcache.methods import base
 from hetcache.methods.adacache import CODEBOOK_30_STEPS, CODEBOOK_100_STEPS, AdaCacheConfig, cache_rate
 from hetcache.methods.fastcache import FastCacheConfig, chi2_ratio
@@ -62,7 +70,7 @@ def reference(pipe, edit_inputs):
     return run(pipe, edit_inputs)
 
 
-def run_method(pipe, edit_inputs, config) -> tuple[torch.Tensor, hetcache.HetCacheStats]:
+def run_method(pipe, edit_inputs, config) -> tuple[torch.Tensor, hetcache.CacheStats]:
     steps = inference_steps(config, STEPS)
     if hasattr(config, "prepare"):
         config.prepare(pipe.transformer, steps, lambda: run(pipe, edit_inputs, steps))
@@ -88,9 +96,11 @@ def test_never_skip_reproduces_full_exactly(pipe, edit_inputs, reference, name):
 
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_every_method_runs_and_disable_restores_stock(pipe, edit_inputs, reference, name):
-    # step_fraction 1: on 6 steps the presets' budgets would otherwise be met by fewer solver steps, all FULL
+    # step_fraction 1: on 6 steps the presets' budgets would otherwise be met by fewer solver steps, all FULL.
+    # AdaCache's rates scale with the step count (at 6 steps every paper rate rounds to 1): scaled up here.
     overrides = {"teacache": dict(delta=1e3, warmup_steps=1), "hetcache-slow": dict(step_fraction=1.0),
-                 "hetcache-fast": dict(step_fraction=1.0)}.get(name, {})
+                 "hetcache-fast": dict(step_fraction=1.0), "hetcache": dict(step_fraction=1.0),
+                 "adacache": {"codebook_scale": 5.0}}.get(name, {})
     config = method_config(name, **overrides)
     out, stats = run_method(pipe, edit_inputs, config)
     steps = inference_steps(config, STEPS)
@@ -227,7 +237,7 @@ def test_disable_removes_every_hook(model):
         if name == "diffusers-magcache":
             config = method_config(name, mag_ratios=[1.0] * 3, num_inference_steps=3)
         kwargs = {}
-        if name in ("teacache", "hetcache-slow", "hetcache-fast"):
+        if name in ("teacache", "hetcache-slow", "hetcache-fast", "hetcache"):
             kwargs = {"mask": box_mask(GRID, slice(1, 3), slice(2, 4)), "timesteps": torch.tensor([900.0, 500.0])}
         hetcache.enable(model, config, **kwargs)
         call(model, x, 900.0, "cond")
@@ -249,7 +259,13 @@ def test_teacache_is_an_engine_plan_without_partial_steps(model):
 
 def test_adacache_codebooks_and_rates():
     assert AdaCacheConfig().codebook_for(30) == CODEBOOK_30_STEPS
-    assert AdaCacheConfig().codebook_for(50) == CODEBOOK_100_STEPS
+    assert AdaCacheConfig().codebook_for(100) == CODEBOOK_100_STEPS
+    # rates count steps of the schedule the codebook was made for: rescaled to the run's step count
+    assert AdaCacheConfig().codebook_for(50) == {0.03: 6, 0.05: 5, 0.07: 4, 0.09: 3, 0.11: 2, 1.00: 2}
+    assert AdaCacheConfig().codebook_for(20) == {0.08: 4, 0.16: 3, 0.24: 3, 0.32: 2, 0.40: 1, 1.00: 1}
+    assert AdaCacheConfig(codebook_scale=0.5).codebook_for(100) == {0.03: 6, 0.05: 5, 0.07: 4, 0.09: 3, 0.11: 2,
+                                                                    1.00: 2}
+    assert AdaCacheConfig(codebook={0.1: 4, 1.0: 2}, codebook_scale=2).codebook_for(20) == {0.1: 8, 1.0: 4}
     assert CODEBOOK_100_STEPS == {0.03: 12, 0.05: 10, 0.07: 8, 0.09: 6, 0.11: 4, 1.00: 3}
     assert cache_rate(0.01, CODEBOOK_100_STEPS) == 12
     assert cache_rate(0.03, CODEBOOK_100_STEPS) == 10  # thresholds are strict upper bounds
@@ -284,3 +300,52 @@ def test_config_validation():
         FastCacheConfig(warmup_steps=0)
     with pytest.raises(ValueError):
         AdaCacheConfig(codebook={0.1: 0})
+
+
+# ------------------------------------------------------------------------------------------------ like for like
+def test_teacache_warmup_keeps_the_recipes_share_of_the_steps():
+    assert method_config("teacache").warmup_steps == 5  # no step count: the recipe's own
+    assert [method_config("teacache", steps=s).warmup_steps for s in (4, 20, 50, 100)] == [1, 2, 5, 10]
+    assert method_config("teacache", steps=20, warmup_steps=4).warmup_steps == 4  # a user's value wins
+
+
+def test_cache_dit_options_fit_small_models_and_short_runs():
+    from hetcache.methods.peers import fitted_options
+
+    assert fitted_options({}, 30, 50) == {"Fn_compute_blocks": 8, "max_warmup_steps": 8}  # cache-dit's defaults
+    assert fitted_options({}, 3, 4) == {"Fn_compute_blocks": 2, "max_warmup_steps": 3}
+    assert fitted_options({"Bn_compute_blocks": 1}, 3, 20)["Fn_compute_blocks"] == 1
+    assert fitted_options({"Fn_compute_blocks": 4, "residual_diff_threshold": 0.2}, 3, 20) == {
+        "Fn_compute_blocks": 4, "max_warmup_steps": 8, "residual_diff_threshold": 0.2}
+    config = method_config("cache-dit")
+    config.prepare(tiny_transformer(num_layers=3), 6, lambda: None)
+    assert config.options == {"Fn_compute_blocks": 2, "max_warmup_steps": 5}
+
+
+def test_flags_name_the_methods_known_to_be_wrong_on_vace_and_the_deviation():
+    assert method_flag("diffusers-fbc").startswith("wrong on VACE") and method_flag("diffusers-magcache").startswith(
+        "wrong on VACE")
+    assert method_flag("fastcache-style").startswith("deviation")
+    assert [name for name in METHOD_NAMES if method_flag(name)] == ["fastcache-style", "diffusers-fbc",
+                                                                    "diffusers-magcache"]
+
+
+def test_method_options_are_checked_against_each_config():
+    assert "delta" in method_options("teacache") and "budget" in method_options("hetcache")
+    assert method_options("diffusers-fbc") == ("threshold",) and method_options("cache-dit") is None
+    assert check_options("pab", {"self_attention_range": 4}) == {"self_attention_range": 4}
+    with pytest.raises(UserError, match="unknown option 'dleta' for teacache: use one of .*delta"):
+        check_options("teacache", {"dleta": 0.1})
+    with pytest.raises(UserError, match="unknown option 'treshold' for diffusers-fbc: use one of threshold"):
+        check_options("diffusers-fbc", {"treshold": 0.1})
+    with pytest.raises(UserError, match="hetcache-fast: .*budget and delta"):
+        check_options("hetcache-fast", {"delta": 0.1, "budget": 0.3})
+    with pytest.raises(UserError, match="broadcast ranges must be >= 1"):
+        check_options("pab", {"self_attention_range": 0})
+    assert check_options("diffusers-magcache", {"threshold": 0.1}) == {"threshold": 0.1}  # ratios come later
+
+
+def test_hetcache_is_the_engine_with_every_knob_and_the_presets_take_a_delta():
+    assert method_config("hetcache").budget == 0.42 and method_config("hetcache", budget=0.6).budget == 0.6
+    slow = method_config("hetcache-slow", delta=0.2)
+    assert (slow.delta, slow.budget) == (0.2, None)

@@ -444,7 +444,7 @@ def _settings(video: Any, mask: Any, box: Any, prompt: str, model: str, steps: i
     return {
         "video": str(video), "mask": None if mask is None else str(mask), "box": box, "prompt": prompt,
         "model": model, "steps": steps, "frames": frames, "height": height, "width": width, "seed": seed,
-        "guidance": guidance, "device": str(pipe._execution_device),
+        "guidance": guidance, "device": str(compat.execution_device(pipe)),
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."), "config": config.to_dict(),
         "notes": list(prepared.notes),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

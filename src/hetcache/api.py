@@ -19,7 +19,12 @@ from hetcache import hooks, plan, session
 from hetcache.config import HetCacheConfig
 from hetcache.core import CacheStats, call_argument
 from hetcache.engine import HetCacheEngine
-from hetcache.pipeline import MAX_SEQUENCE_LENGTH, default_flow_shift, flow_scheduler, preview_timesteps
+from hetcache.pipeline import (
+    MAX_SEQUENCE_LENGTH,
+    default_flow_shift,
+    flow_scheduler,
+    preview_timesteps,
+)
 
 _WRAPPER_FLAG = "_hetcache_wrapper"
 

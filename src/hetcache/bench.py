@@ -1,15 +1,20 @@
 """Side-by-side benchmark of the caches on the user's own video, and the step-plan preview.
 
-`run_bench` edits one video with every method from the same inputs, seed and initial latents (generated once and
-passed to the pipeline), times the denoising loop, and compares each output with `full`'s: PSNR / SSIM over the
-frame, inside the mask and on the margin band, LPIPS with a user-supplied model. It writes results.json (schema:
-docs/RESULTS_SCHEMA.md), results.csv, results.md, pareto.png and side_by_side.mp4 into the output folder.
+`run_bench` edits one video with every method like for like (`hetcache.runner`: the same inputs, seed and initial
+latents, step-dependent defaults fitted to the step count, the same compilation with `compile`), times the
+denoising loop, and compares each output with `full`'s: pooled and per-frame PSNR and SSIM over the frame,
+inside the mask and on the margin band, LPIPS over the frame and inside the mask with user-supplied weights. When
+`fewer-steps` is among the methods it also runs at the FLOPs share each HetCache run reached (rows named
+`fewer-steps@0.33`), so every preset has a step-count baseline at equal compute. It writes results.json (schema:
+docs/RESULTS_SCHEMA.md), results.csv, results.md, pareto.png and side_by_side.mp4 into the output folder; rows of
+methods with a caveat (`methods.method_flag`) carry it in every file.
 
 Timing: `pipeline.run_edit`'s "denoise" span, from the first transformer call to the end of the last step (a
 transformer pre-hook and `callback_on_step_end`, synchronised on CUDA), so text encoding and VAE work are out.
 One 1-step run of the plain pipeline comes first and is not timed (it pays for lazy initialisation: CUDA
 context, kernel selection, allocator growth). MagCache's calibration run (diffusers' own recipe when no
-`mag_ratios` are given) is not timed either. Speedups divide `full`'s time by the method's, both from this run.
+`mag_ratios` are given) is not timed either; with `compile` every method runs once untimed first. Speedups divide
+`full`'s time by the method's, both from this run and in the same mode (eager or compiled).
 """
 
 from __future__ import annotations
@@ -30,38 +35,54 @@ import torch
 from PIL import Image, ImageDraw
 
 import hetcache
-from hetcache import flops, plan, tokens
+from hetcache import compat, files, flops, plan, tokens
 from hetcache import video as vio
 from hetcache.config import HetCacheConfig
 from hetcache.errors import UserError
-from hetcache.methods import METHOD_NAMES, check_method_name, inference_steps, method_config, unavailable_reason
+from hetcache.methods import (
+    METHOD_NAMES,
+    check_method_name,
+    inference_steps,
+    method_config,
+    method_flag,
+    short_flag,
+    unavailable_reason,
+)
 from hetcache.methods.pab import PABConfig, broadcast_steps
-from hetcache.methods.simple import FullConfig
-from hetcache.metrics import BAND_PX, LPIPS, fidelity
+from hetcache.methods.simple import FewerStepsConfig, FullConfig
+from hetcache.metrics import BAND_PX, FIDELITY_KEYS, LPIPS, fidelity
 from hetcache.pipeline import (
     PROXY,
     TINY_RANDOM,
     check_prompt,
     default_flow_shift,
     flow_scheduler,
-    preview_timesteps,
     is_hub_id,
     load_pipeline,
+    preview_timesteps,
     resolve_device,
     resolve_dtype,
     run_edit,
 )
+from hetcache.runner import (
+    REFERENCE,
+    WARMUP_STEPS,
+    compile_blocks,
+    describe_failure,
+    initial_latents,
+    method_configs,
+    run_method,
+)
 
 SCHEMA = "hetcache-bench/1"
-REFERENCE = "full"
 DEFAULT_METHODS = ",".join(METHOD_NAMES)
 RESULT_FILES = ("results.json", "results.csv", "results.md", "pareto.png", "side_by_side.mp4")
+MATCHED = "fewer-steps"  # the baseline run again at each HetCache run's FLOPs share
 # One row per method in results.csv (and per record in results.json, which adds `config` and `notes`).
 COLUMNS = (
     "name", "steps", "plan", "denoise_s", "speedup", "flops", "flops_ratio", "peak_memory_bytes", "cache_bytes",
-    "psnr_frame", "psnr_mask", "psnr_band", "ssim_frame", "ssim_mask", "ssim_band", "lpips", "identical",
+    *FIDELITY_KEYS, "identical", "flag",
 )
-WARMUP_STEPS = 1
 _MAX_GRID_WIDTH = 3840  # side_by_side.mp4 tiles shrink (by whole factors) to stay within 4K width
 
 
@@ -78,27 +99,14 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
     return [REFERENCE] + [n for n in unique if n != REFERENCE]
 
 
-def _configs(methods: Sequence[str | tuple[str, Any]]) -> list[tuple[str, Any]]:
+def _ordered(methods: Sequence[str | tuple[str, Any]]) -> list[str | tuple[str, Any]]:
+    """`methods` with `full` first (added when missing) and duplicates dropped, given configs kept."""
     pairs = [(m, None) if isinstance(m, str) else tuple(m) for m in methods]
-    names = parse_methods([name for name, _ in pairs])
     given = dict(pairs)
-    return [(name, given.get(name) or method_config(name)) for name in names]
+    return [name if given.get(name) is None else (name, given[name]) for name in parse_methods(list(given))]
 
 
 # ------------------------------------------------------------------------------------------------ running
-def initial_latents(pipe: Any, num_frames: int, height: int, width: int, seed: int) -> torch.Tensor:
-    """The pipeline's initial noise for this size, drawn once from `seed` on the CPU (identical on every device)."""
-    shape = (
-        1,
-        pipe.transformer.config.in_channels,
-        (num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
-        height // pipe.vae_scale_factor_spatial,
-        width // pipe.vae_scale_factor_spatial,
-    )
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    return noise.to(pipe._execution_device)
-
-
 def run_bench(
     pipe: Any,
     video: np.ndarray,
@@ -114,47 +122,58 @@ def run_bench(
     fps: float = 16.0,
     lpips_weights: str | Path | None = None,
     band_px: int = BAND_PX,
+    method_options: dict[str, dict[str, Any]] | None = None,
+    compile: bool = False,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Run every method (names, or (name, config) pairs) on one edit and write the result files; returns the
-    results.json content. `video` uint8 [F,H,W,3] and `mask` bool [F,H,W] must already fit the model."""
+    results.json content. `video` uint8 [F,H,W,3] and `mask` bool [F,H,W] must already fit the model.
+    `method_options` ({method: {option: value}}) go to the methods' configs; `compile` compiles the reference and
+    every method the same way (`runner.compile_blocks`)."""
     say = progress or (lambda line: None)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file: give a folder")
+    configs = method_configs(_ordered(methods), steps=steps, options=method_options, compile=compile)
     out.mkdir(parents=True, exist_ok=True)
-    lpips = LPIPS(lpips_weights, pipe._execution_device) if lpips_weights else None
+    lpips = LPIPS.from_file(lpips_weights, compat.execution_device(pipe)) if lpips_weights else None
     latents = initial_latents(pipe, *mask.shape, seed)
     common = dict(negative_prompt=negative_prompt, guidance=guidance, seed=seed, latents=latents)
 
     hetcache.disable(pipe)
+    if compile:
+        compile_blocks(pipe)
     run_edit(pipe, video, mask, prompt, steps=WARMUP_STEPS, **common)
 
     records, skipped, outputs = [], [], {}
-    for name, config in _configs(methods):
-        reason = unavailable_reason(name)
+
+    def run(name: str, method: str, config: Any) -> None:
+        reason = unavailable_reason(method)
         if reason is not None:
             skipped.append({"name": name, "reason": reason})
             say(f"{name:<20} skipped: {reason}")
-            continue
+            return
         run_steps = inference_steps(config, steps)
         try:
-            frames, timing, stats, peak = _run_method(pipe, config, video, mask, prompt, run_steps, common)
+            done = run_method(pipe, config, video, mask, prompt, run_steps, common, untimed_first=compile)
         except Exception as error:  # noqa: BLE001 - one failing method must not lose the others' results
             hetcache.disable(pipe)
             if name == REFERENCE:
                 raise
-            reason = f"failed: {type(error).__name__}: {' '.join(str(error).split())}"
-            skipped.append({"name": name, "reason": reason})
-            say(f"{name:<20} {reason}")
-            continue
-        outputs[name] = frames
-        record = _record(name, config, run_steps, frames, timing, stats, peak, outputs[REFERENCE], records, mask,
-                         band_px, lpips)
+            skipped.append({"name": name, "reason": describe_failure(error)})
+            say(f"{name:<20} {skipped[-1]['reason']}")
+            return
+        outputs[name] = done.frames
+        record = _record(name, method, config, run_steps, done, outputs[REFERENCE], records, mask, band_px, lpips)
         records.append(record)
         say(_progress_line(record))
 
-    settings = _settings(pipe, mask, prompt, negative_prompt, steps, seed, guidance, band_px, lpips_weights)
+    for name, config in configs:
+        run(name, name, config)
+    for name, config in _matched_baselines(records, [name for name, _ in configs], steps):
+        run(name, MATCHED, config)
+
+    settings = _settings(pipe, mask, prompt, negative_prompt, steps, seed, guidance, band_px, lpips_weights, compile)
     results = {"schema": SCHEMA, "settings": settings, "methods": records, "skipped": skipped}
     _write_results(out, results)
     _write_pareto(out / "pareto.png", records)
@@ -162,34 +181,36 @@ def run_bench(
     return results
 
 
-def _run_method(pipe: Any, config: Any, video: np.ndarray, mask: np.ndarray, prompt: str, steps: int,
-                common: dict) -> tuple[np.ndarray, float, hetcache.HetCacheStats, int | None]:
-    if hasattr(config, "prepare"):
-        config.prepare(pipe.transformer, steps, lambda: run_edit(pipe, video, mask, prompt, steps=steps, **common))
-    hetcache.enable(pipe, config)
-    try:
-        cuda = pipe._execution_device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(pipe._execution_device)
-        result = run_edit(pipe, video, mask, prompt, steps=steps, **common)
-        peak = torch.cuda.max_memory_allocated(pipe._execution_device) if cuda else None
-        stats = hetcache.stats(pipe)
-    finally:
-        hetcache.disable(pipe)
-    return result.frames, result.timings["denoise"], stats, peak
+def _matched_baselines(records: list[dict[str, Any]], names: list[str], steps: int) -> list[tuple[str, Any]]:
+    """`fewer-steps` at the FLOPs share of every HetCache run (when fewer-steps was asked for): (name, config)
+    pairs named `fewer-steps@SHARE`, leaving out step counts that already ran."""
+    if MATCHED not in names:
+        return []
+    ran = {r["steps"] for r in records if r["name"].split("@")[0] == MATCHED}
+    matched = []
+    for record in records:
+        share = record["flops_ratio"]
+        if not record["name"].startswith("hetcache") or share is None:
+            continue
+        count = max(1, round(steps * share))
+        if count not in ran:
+            ran.add(count)
+            matched.append((f"{MATCHED}@{share:.2f}", FewerStepsConfig(steps_fraction=count / steps)))
+    return matched
 
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def _record(name: str, config: Any, steps: int, frames: np.ndarray, denoise: float, stats: Any, peak: int | None,
-            reference: np.ndarray, previous: list[dict], mask: np.ndarray, band_px: int, lpips: Any) -> dict[str, Any]:
+def _record(name: str, method: str, config: Any, steps: int, done: Any, reference: np.ndarray,
+            previous: list[dict], mask: np.ndarray, band_px: int, lpips: LPIPS | None) -> dict[str, Any]:
+    stats, denoise = done.stats, done.denoise_s
     reference_time = previous[0]["denoise_s"] if previous else denoise
     reference_flops = previous[0]["flops"] if previous else (stats.flops if stats.dense_flops else None)
     observed = stats.dense_flops > 0
-    scores = fidelity(frames, reference, mask, band_px=band_px, lpips=lpips)
-    record = {
+    scores = fidelity(done.frames, reference, mask, band_px=band_px, lpips=lpips)
+    return {
         "name": name,
         "steps": steps,
         "plan": stats.plan,
@@ -197,20 +218,21 @@ def _record(name: str, config: Any, steps: int, frames: np.ndarray, denoise: flo
         "speedup": reference_time / denoise if denoise > 0 else None,
         "flops": stats.flops if observed else None,
         "flops_ratio": stats.flops / reference_flops if observed and reference_flops else None,
-        "peak_memory_bytes": peak,
+        "peak_memory_bytes": done.peak_memory_bytes,
         "cache_bytes": stats.cache_bytes,
         **{key: _finite(value) for key, value in scores.items()},
-        "identical": bool(np.array_equal(frames, reference)),
+        "identical": bool(np.array_equal(done.frames, reference)),
+        "flag": method_flag(method),
         "config": config.to_dict(),
         "notes": list(stats.notes),
     }
-    return record
 
 
 def _progress_line(record: dict[str, Any]) -> str:
-    psnr = "identical" if record["identical"] else _fmt(record["psnr_frame"], "{:.2f} dB")
+    psnr = "identical" if record["identical"] else _fmt(record["psnr_mask_per_frame"], "{:.2f} dB")
+    flag = f"  [{short_flag(record['flag'])}]" if record["flag"] else ""
     return (f"{record['name']:<20} {record['denoise_s']:8.3f} s  {_fmt(record['speedup'], 'x{:.2f}'):>6}  "
-            f"FLOPs {_fmt(record['flops_ratio'], '{:.2f}')}  PSNR {psnr}  plan {record['plan'] or '-'}")
+            f"FLOPs {_fmt(record['flops_ratio'], '{:.2f}')}  PSNR mask {psnr}  plan {record['plan'] or '-'}{flag}")
 
 
 def _fmt(value: Any, pattern: str) -> str:
@@ -218,7 +240,7 @@ def _fmt(value: Any, pattern: str) -> str:
 
 
 def _settings(pipe: Any, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int, seed: int,
-              guidance: float, band_px: int, lpips_weights: Any) -> dict[str, Any]:
+              guidance: float, band_px: int, lpips_weights: Any, compile: bool) -> dict[str, Any]:
     import diffusers
 
     frames, height, width = mask.shape
@@ -231,11 +253,13 @@ def _settings(pipe: Any, mask: np.ndarray, prompt: str, negative_prompt: str, st
         "frames": frames,
         "height": height,
         "width": width,
-        "device": str(pipe._execution_device),
+        "device": str(compat.execution_device(pipe)),
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+        "compile": compile,
         "reference": REFERENCE,
         "band_px": band_px,
-        "warmup": f"one {WARMUP_STEPS}-step run of the plain pipeline before timing, not timed",
+        "warmup": f"one {WARMUP_STEPS}-step run of the plain pipeline before timing, not timed"
+                  + ("; every method once more, untimed, before its timed run (compilation)" if compile else ""),
         "timing": "denoising loop: first transformer call to the end of the last step",
         "lpips": str(lpips_weights) if lpips_weights else "not computed",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -245,43 +269,61 @@ def _settings(pipe: Any, mask: np.ndarray, prompt: str, negative_prompt: str, st
 
 # ------------------------------------------------------------------------------------------------ writing
 def _write_results(out: Path, results: dict[str, Any]) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    files.write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    files.write_text(out / "results.csv", csv_table(results["methods"], COLUMNS))
+    files.write_text(out / "results.md", results_markdown(results))
+
+
+def csv_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """CSV text with one line per row; null values as empty cells."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for record in results["methods"]:
-        writer.writerow(["" if record[c] is None else record[c] for c in COLUMNS])
-    (out / "results.csv").write_text(buffer.getvalue())
-    (out / "results.md").write_text(results_markdown(results))
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if row[c] is None else row[c] for c in columns])
+    return buffer.getvalue()
+
+
+def flag_notes(names_and_flags: Sequence[tuple[str, str | None]]) -> list[str]:
+    """Markdown lines explaining each flag once: "- `name`: flag"."""
+    seen = dict.fromkeys((name, flag) for name, flag in names_and_flags if flag)
+    return [f"- `{name}`: {flag}" for name, flag in seen]
 
 
 def results_markdown(results: dict[str, Any]) -> str:
-    """The results as a Markdown report: settings, one table row per method, skipped methods."""
+    """The results as a Markdown report: settings, one table row per method, flags, skipped methods, notes."""
     s = results["settings"]
+    mode = "compiled (reference and every method)" if s["compile"] else "eager"
     lines = [
         "# hetcache bench",
         "",
         f"{s['frames']} frames at {s['width']}x{s['height']}, {s['steps']} steps, guidance {s['guidance']:g}, "
-        f"seed {s['seed']}, {s['device']}/{s['dtype']}; prompt: \"{s['prompt']}\"",
+        f"seed {s['seed']}, {s['device']}/{s['dtype']}, {mode}; prompt: \"{s['prompt']}\"",
         "",
-        f"Time: {s['timing']} ({s['warmup']}). Fidelity against `{s['reference']}`: PSNR (dB) / SSIM over the "
-        f"frame, inside the mask and on a {s['band_px']}-pixel band around it; LPIPS: {s['lpips']}.",
+        f"Time: {s['timing']} ({s['warmup']}). Fidelity against `{s['reference']}`: PSNR (dB) as the mean over "
+        f"frames of each frame's PSNR (the pooled PSNR over all frames is in results.json/.csv), over the frame, "
+        f"inside the mask and on a {s['band_px']}-pixel band around it; SSIM inside the mask; LPIPS over the frame "
+        f"and inside the mask: {s['lpips']}.",
         "",
-        "| method | steps | plan | denoise s | speedup | FLOPs | PSNR frame | PSNR mask | PSNR band | SSIM frame "
-        "| SSIM mask | SSIM band | LPIPS | peak memory |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | steps | plan | denoise s | speedup | FLOPs | PSNR frame | PSNR mask | PSNR band | SSIM mask "
+        "| LPIPS | LPIPS mask | peak memory | flag |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results["methods"]:
-        psnr = ["=" if r["identical"] else _fmt(r[k], "{:.2f}") for k in ("psnr_frame", "psnr_mask", "psnr_band")]
+        psnr = ["=" if r["identical"] else _fmt(r[f"psnr_{k}_per_frame"], "{:.2f}") for k in ("frame", "mask", "band")]
         cells = [
             f"`{r['name']}`", str(r["steps"]), f"`{r['plan']}`" if r["plan"] else "-", f"{r['denoise_s']:.3f}",
-            _fmt(r["speedup"], "{:.2f}x"), _fmt(r["flops_ratio"], "{:.2f}"), *psnr,
-            *(_fmt(r[k], "{:.4f}") for k in ("ssim_frame", "ssim_mask", "ssim_band")),
-            _fmt(r["lpips"], "{:.4f}"), _fmt(r["peak_memory_bytes"], "{:,}"),
+            _fmt(r["speedup"], "{:.2f}x"), _fmt(r["flops_ratio"], "{:.2f}"), *psnr, _fmt(r["ssim_mask"], "{:.4f}"),
+            _fmt(r["lpips"], "{:.4f}"), _fmt(r["lpips_mask"], "{:.4f}"), _fmt(r["peak_memory_bytes"], "{:,}"),
+            short_flag(r["flag"]) or "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Plan letters: F computed, P partly reused, R reused (first CFG branch); FLOPs: analytic, "
-              "relative to `full` (both CFG branches); `=`: identical to `full`."]
+              "relative to `full` (both CFG branches); `=`: identical to `full`; `fewer-steps@S`: fewer-steps at the "
+              "FLOPs share S a HetCache row reached."]
+    flags = flag_notes([(r["name"], r["flag"]) for r in results["methods"]])
+    if flags:
+        lines += ["", "Flags:", ""] + flags
     if results["skipped"]:
         lines += ["", "Skipped:", ""] + [f"- `{s['name']}`: {s['reason']}" for s in results["skipped"]]
     notes = [f"- `{r['name']}`: {note}" for r in results["methods"] for note in r["notes"]]
@@ -290,30 +332,42 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_pareto(path: Path, records: list[dict[str, Any]]) -> None:
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as PNG, atomically."""
+    with files.atomic_path(path) as temp:
+        fig.savefig(temp, format="png")
+
+
+def _write_pareto(path: Path, records: list[dict[str, Any]]) -> list[str]:
+    """Speedup against PSNR in the mask, one labelled point per record; returns the labels drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finite = [r["psnr_frame"] for r in records if r["psnr_frame"] is not None]
+    finite = [r["psnr_mask_per_frame"] for r in records if r["psnr_mask_per_frame"] is not None]
     ceiling = (max(finite) if finite else 30.0) + 3.0
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    labels = []
     for r in records:
-        if r["speedup"] is None:
+        if r["speedup"] is None or (r["psnr_mask_per_frame"] is None and not r["identical"]):
             continue
-        identical = r["psnr_frame"] is None
-        y = ceiling if identical else r["psnr_frame"]
-        ax.scatter(r["speedup"], y, marker="*" if identical else "o", s=80 if identical else 40)
-        label = r["name"] + (" (= full)" if identical and r["name"] != REFERENCE else "")
+        y = ceiling if r["identical"] else r["psnr_mask_per_frame"]
+        marker = "*" if r["identical"] else "o"
+        ax.scatter(r["speedup"], y, marker=marker, s=80 if r["identical"] else 40,
+                   facecolors="none" if r["flag"] else None, edgecolors="C3" if r["flag"] else None)
+        label = r["name"] + (" (= full)" if r["identical"] and r["name"] != REFERENCE else "")
+        label += f" [{short_flag(r['flag'])}]" if r["flag"] else ""
         ax.annotate(label, (r["speedup"], y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel(f"speedup over {REFERENCE} (denoising time)")
-    ax.set_ylabel(f"PSNR to {REFERENCE}, whole frame (dB)")
-    ax.set_title("hetcache bench: speed against fidelity (stars: identical to full)")
+        labels.append(label)
+    ax.set_xlabel(f"speedup over {REFERENCE} (denoising time, same mode)")
+    ax.set_ylabel(f"PSNR to {REFERENCE} inside the mask (dB, mean over frames)")
+    ax.set_title("hetcache bench (stars: identical to full; hollow red: flagged rows)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
+    return labels
 
 
 def _labelled(frames: np.ndarray, label: str, shrink: int) -> np.ndarray:
@@ -361,34 +415,38 @@ def plan_table(
     denoising. `target` is a WanVACEPipeline (its scheduler gives the timesteps) or the transformer; `mask` is the
     pixel mask [F, H, W] (True = generate) that sets the token counts. Content-adaptive methods have no plan
     before they run: their `plan` and `flops_ratio` are None."""
+    return [plan_row(target, steps, name, method_config(name, steps=steps, **(overrides or {}).get(name, {})),
+                     mask=mask, text_len=text_len) for name in parse_methods(methods)]
+
+
+def plan_row(target: Any, steps: int, name: str, config: Any, *, mask: torch.Tensor,
+             text_len: int = 512) -> dict[str, Any]:
+    """One method's step plan and analytic FLOPs share of `full` for `steps` steps (see `plan_table`), from its
+    config: {"name", "steps", "plan", "flops_ratio", "note"}."""
     transformer = getattr(target, "transformer", target)
     shape = flops.ModelShape.from_config(transformer.config)
     grid = tokens.latent_grid(tuple(mask.shape), tuple(transformer.config.patch_size))
     n = grid[0] * grid[1] * grid[2]
     dense = flops.forward_flops(shape, n, n, text_len, text_kv=False)
-    rows = []
-    for name in parse_methods(methods):
-        config = method_config(name, **(overrides or {}).get(name, {}))
-        row = {"name": name, "steps": inference_steps(config, steps), "plan": None, "flops_ratio": None, "note": ""}
-        if isinstance(config, HetCacheConfig):
-            letters = hetcache.plan_for(target, steps, config, mask=mask, text_len=text_len)
-            partition = tokens.partition_from_pixel_mask(
-                mask, grid, margin=config.margin, gen_threshold=config.gen_threshold,
-                temporal_margin=config.temporal_margin)
-            partial = flops.forward_flops(shape, n, plan.partial_row_count(partition, config), text_len, text_kv=False)
-            reuse = flops.forward_flops(shape, n, 0, text_len, text_kv=False)
-            row["plan"] = letters
-            row["flops_ratio"] = plan.plan_cost(letters, dense, partial, reuse) / (steps * dense)
-        elif isinstance(config, FullConfig):
-            row["plan"] = "F" * row["steps"]
-            row["flops_ratio"] = row["steps"] / steps
-        elif isinstance(config, PABConfig):
-            row["plan"], row["flops_ratio"] = _pab_plan(config, preview_timesteps(getattr(target, "scheduler", None), steps).tolist(), shape, n,
-                                                       text_len)
-        else:
-            row["note"] = "content-adaptive: decided while denoising"
-        rows.append(row)
-    return rows
+    row = {"name": name, "steps": inference_steps(config, steps), "plan": None, "flops_ratio": None, "note": ""}
+    if isinstance(config, HetCacheConfig):
+        letters = hetcache.plan_for(target, steps, config, mask=mask, text_len=text_len)
+        partition = tokens.partition_from_pixel_mask(
+            mask, grid, margin=config.margin, gen_threshold=config.gen_threshold,
+            temporal_margin=config.temporal_margin)
+        partial = flops.forward_flops(shape, n, plan.partial_row_count(partition, config), text_len, text_kv=False)
+        reuse = flops.forward_flops(shape, n, 0, text_len, text_kv=False)
+        row["plan"], row["steps"] = letters, len(letters)  # the solver steps it runs
+        row["flops_ratio"] = plan.plan_cost(letters, dense, partial, reuse) / (steps * dense)
+    elif isinstance(config, FullConfig):
+        row["plan"] = "F" * row["steps"]
+        row["flops_ratio"] = row["steps"] / steps
+    elif isinstance(config, PABConfig):
+        timesteps = preview_timesteps(getattr(target, "scheduler", None), steps).tolist()
+        row["plan"], row["flops_ratio"] = _pab_plan(config, timesteps, shape, n, text_len)
+    else:
+        row["note"] = "content-adaptive: decided while denoising"
+    return row
 
 
 def _pab_plan(config: PABConfig, timesteps: list[float], shape: flops.ModelShape, n: int,
@@ -420,6 +478,9 @@ def bench_main(
     dtype: str,
     out: Path | str,
     lpips_weights: Path | str | None,
+    *,
+    method_options: dict[str, dict[str, Any]] | None = None,
+    compile: bool = False,
 ) -> None:
     """`hetcache bench` once its inputs are prepared (`hetcache.cli` does that before importing this module, so
     input errors come at once): load the model, run every method, write and print the results."""
@@ -427,6 +488,7 @@ def bench_main(
     names = parse_methods(methods)
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
+    method_configs(names, steps=steps, options=method_options)  # option errors before the model loads
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
@@ -437,7 +499,7 @@ def bench_main(
     results = run_bench(
         pipe, prepared.video, prepared.mask, prompt, names, steps=steps, seed=seed, guidance=guidance,
         out_dir=out, negative_prompt=negative_prompt, fps=prepared.fps, lpips_weights=lpips_weights,
-        progress=lambda line: print(line, file=sys.stderr),
+        method_options=method_options, compile=compile, progress=lambda line: print(line, file=sys.stderr),
     )
     print(results_markdown(results), end="")
     print("wrote " + ", ".join(str(out / name) for name in RESULT_FILES))

@@ -1,5 +1,6 @@
 """The `hetcache` command line: `edit` a masked region of a video, run the built-in `demo`, `bench` the caches
-against each other on a video, or preview their step `plan`s.
+against each other on a video, `sweep` each over a grid of its knob on one or more clips, or preview their step
+`plan`s.
 
 The commands only parse options, call `video`, `pipeline`, `bench` and `hetcache.enable`, and report. Any
 `UserError` ends the command with one `error: ...` line on stderr and exit code 2, as do typer's own usage errors.
@@ -14,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +28,7 @@ from tqdm import tqdm
 import hetcache
 from hetcache import video as vio
 from hetcache.errors import UserError
+from hetcache.options import parse_grids, parse_method_options
 from hetcache.pipeline import (
     DEFAULT_MODEL,
     PROXY,
@@ -50,13 +52,17 @@ DEMO_SCENE = 3
 DEMO_FRAMES, DEMO_SIZE = 17, 256  # the proxy's native clip
 # The names of `hetcache.methods`, repeated here because importing it loads torch and diffusers, which `--help` and
 # a mistyped name must not wait for; tests/test_cli.py checks that both lists agree.
-OWN_METHODS = ("full", "fewer-steps", "teacache", "pab", "adacache", "fastcache", "hetcache-slow", "hetcache-fast")
+OWN_METHODS = ("full", "fewer-steps", "teacache", "pab", "adacache", "fastcache-style", "hetcache-slow",
+               "hetcache-fast")
+TUNABLE_METHODS = ("hetcache",)
 PEER_METHODS = ("diffusers-fbc", "diffusers-magcache", "cache-dit")
-METHOD_NAMES = OWN_METHODS + PEER_METHODS
+METHOD_NAMES = OWN_METHODS + TUNABLE_METHODS + PEER_METHODS
 BENCH_METHODS = ",".join(OWN_METHODS)
+# `hetcache.sweep.DEFAULT_METHODS`, repeated for the same reason (tests/test_cli.py checks they agree).
+SWEEP_METHODS = "fewer-steps,hetcache,teacache,pab,adacache,fastcache-style,diffusers-fbc,diffusers-magcache,cache-dit"
 METHOD_HELP = (
-    f"Cache to run: {NO_CACHE} (none), hetcache-fast, hetcache-slow, or a baseline "
-    f"({', '.join(name for name in METHOD_NAMES if name not in (NO_CACHE, 'hetcache-fast', 'hetcache-slow'))})."
+    f"Cache to run: {NO_CACHE} (none), hetcache-fast, hetcache-slow, hetcache (set its knobs with --method-option), "
+    f"or a baseline ({', '.join(n for n in METHOD_NAMES if n != NO_CACHE and not n.startswith('hetcache'))})."
 )
 METHODS_HELP = (
     f"Comma-separated methods, or all; full always runs first as the reference. Names: {', '.join(METHOD_NAMES)}."
@@ -108,6 +114,22 @@ MaskOpt = Annotated[Path | None, typer.Option(help="Mask video, folder or image 
 BoxOpt = Annotated[
     str | None, typer.Option(help="Box to generate instead of a mask: x0,y0,x1,y1 in source pixels.")
 ]
+MethodOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--method-option",
+        help="NAME.KEY=VALUE: set an option of a method's config, e.g. teacache.delta=0.05 (repeatable; "
+        "docs/CLI.md lists the keys).",
+    ),
+]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the dense reference and every method the same way (block forwards; HetCache's row "
+        "maths); speedups compare compiled with compiled.",
+    ),
+]
 
 
 @dataclass
@@ -136,6 +158,7 @@ class EditRequest:
     composite: bool = True
     hide_masked: bool = True
     method: str = NO_CACHE
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _guidance(model: str, given: float | None) -> float:
@@ -150,16 +173,23 @@ def check_method(name: str) -> str:
     return name
 
 
-def method_config(name: str) -> Any:
-    """The default config of method `name` for `hetcache.enable`, or None for `full` (the stock pipeline)."""
-    if check_method(name) == NO_CACHE:
+def method_options(texts: list[str] | None) -> dict[str, dict[str, Any]]:
+    """`--method-option` values as {method: {key: value}}: syntax and method names checked (no torch yet)."""
+    return parse_method_options(texts or [], METHOD_NAMES)
+
+
+def method_config(name: str, options: dict[str, dict[str, Any]] | None = None, steps: int | None = None) -> Any:
+    """The config of method `name` for `hetcache.enable`, with the user's options for a run of `steps` steps, or
+    None for `full` without options (the stock pipeline)."""
+    if check_method(name) == NO_CACHE and not options:
         return None
     from hetcache import methods
+    from hetcache.runner import method_configs
 
     reason = methods.unavailable_reason(name)
     if reason is not None:
         raise UserError(f"method {name!r} cannot run here: {reason}")
-    return methods.method_config(name)
+    return method_configs([name], steps=steps, options=options)[0][1]
 
 
 @contextmanager
@@ -188,7 +218,7 @@ def run_request(request: EditRequest) -> None:
     start = time.perf_counter()  # "load" includes importing torch and diffusers, whichever step does it first
     device = resolve_device(request.device)
     dtype = resolve_dtype(request.dtype, device)
-    config = method_config(request.method)
+    config = method_config(request.method, request.method_options, request.steps)
     pipe = load_pipeline(request.model, device, dtype, height=height, width=width)
     load_s = time.perf_counter() - start
 
@@ -334,6 +364,7 @@ def edit(
         bool, typer.Option("--no-side-by-side", help="Do not write the side-by-side video.")
     ] = False,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = NO_CACHE,
+    method_option: MethodOptionOpt = None,
 ) -> None:
     """Regenerate the masked region of VIDEO as PROMPT describes."""
     run_request(
@@ -360,6 +391,7 @@ def edit(
             composite=composite,
             hide_masked=hide_masked,
             method=method,
+            method_options=method_options(method_option),
         )
     )
 
@@ -430,8 +462,10 @@ def bench(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     lpips_weights: Annotated[
-        Path | None, typer.Option(help="LPIPS weights file; without it LPIPS is not computed.")
+        Path | None, typer.Option(help="LPIPS weights (a state dict file); without it LPIPS is not computed.")
     ] = None,
+    method_option: MethodOptionOpt = None,
+    compile: CompileOpt = False,
 ) -> None:
     """Edit VIDEO with every method from the same inputs and compare their speed and fidelity with full."""
     # Every input check before the seconds-long import of torch and diffusers.
@@ -439,6 +473,7 @@ def bench(
     for name in methods.split(","):
         if name.strip() and methods.strip() != "all":
             check_method(name.strip())
+    options = method_options(method_option)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     prepared = prepare_for_model(model, video, mask, box, frames, height, width)
@@ -457,6 +492,8 @@ def bench(
         dtype=dtype,
         out=out,
         lpips_weights=lpips_weights,
+        method_options=options,
+        compile=compile,
     )
 
 
@@ -494,6 +531,64 @@ def plan(
     )
 
 
+@app.command()
+def sweep(
+    source: Annotated[
+        Path, typer.Argument(help="A video (with --mask or --box and --prompt) or a dataset folder (see --layout).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for results.json/.csv/.md, pareto.png and runs/ (resumable).")],
+    mask: MaskOpt = None,
+    box: BoxOpt = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", "-p", help="What the masked region should show; for a dataset, the prompt of "
+                     "items without one."),
+    ] = None,
+    layout: Annotated[str, typer.Option(help="Dataset layout: folder, vace-benchmark or vpbench.")] = "folder",
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods to sweep (full runs once per clip as the reference).")
+    ] = SWEEP_METHODS,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option("--grid", help="NAME.KEY=V1,V2,...: the values of a config field to sweep for a method, "
+                     "replacing its default grid (repeatable; several keys of one method are crossed)."),
+    ] = None,
+    method_option: MethodOptionOpt = None,
+    negative_prompt: NegativeOpt = "",
+    model: ModelOpt = DEFAULT_MODEL,
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps; default 50, or 20 for the proxy.")] = None,
+    frames: FramesOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every run of a clip).")] = 0,
+    guidance: ModelGuidanceOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    compile: CompileOpt = False,
+    lpips_weights: Annotated[
+        Path | None, typer.Option(help="LPIPS weights (a state dict file); without it LPIPS is not computed.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Sweep only the first N items of a dataset.")] = None,
+) -> None:
+    """Run each method over a grid of its own knob on one clip or a dataset, and plot PSNR in the mask against
+    FLOPs share and speedup (one curve per method, mean over clips)."""
+    names = [name.strip() for name in methods.split(",") if name.strip() and methods.strip() != "all"]
+    for name in names:
+        check_method(name)
+    grids = parse_grids(grid or [], METHOD_NAMES)
+    options = method_options(method_option)
+    if prompt is not None:
+        check_prompt(prompt)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder")
+    from hetcache.sweep import sweep_main
+
+    sweep_main(source, mask, box, prompt, out=out, methods=methods, grids=grids, method_options=options, model=model,
+               layout=layout, steps=default_steps(model) if steps is None else steps, frames=frames, height=height,
+               width=width, seed=seed, guidance=_guidance(model, guidance), negative_prompt=negative_prompt,
+               device=device, dtype=dtype, compile=compile, lpips_weights=lpips_weights, limit=limit)
+
+
 @app.command("eval")
 def evaluate(
     dataset: Annotated[Path, typer.Option(help="Dataset folder (docs/EVAL.md describes each layout).")],
@@ -509,16 +604,22 @@ def evaluate(
     guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    lpips_weights: Annotated[Path | None, typer.Option(help="LPIPS weights file; without it LPIPS is skipped.")] = None,
-    i3d_weights: Annotated[Path | None, typer.Option(help="I3D weights file for VFID; without it VFID is skipped.")] = None,
+    lpips_weights: Annotated[
+        Path | None, typer.Option(help="LPIPS weights (a state dict file); without it LPIPS is skipped.")
+    ] = None,
+    i3d_weights: Annotated[
+        Path | None, typer.Option(help="I3D weights (a state dict file) for VFID and KID; without it they are skipped.")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items.")] = None,
+    method_option: MethodOptionOpt = None,
 ) -> None:
     """Run methods over a dataset of (video, mask, prompt) items and tabulate quality against references."""
+    options = method_options(method_option)
     from hetcache.evaluate import eval_main
 
     eval_main(dataset=dataset, layout=layout, methods=methods, model=model, steps=steps, out=out, frames=frames,
               height=height, width=width, seed=seed, guidance=_guidance(model, guidance), device=device,
-              dtype=dtype, lpips_weights=lpips_weights, i3d_weights=i3d_weights, limit=limit)
+              dtype=dtype, lpips_weights=lpips_weights, i3d_weights=i3d_weights, limit=limit, method_options=options)
 
 
 @app.command()

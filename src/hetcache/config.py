@@ -23,14 +23,16 @@ CACHE_DEVICES = ("auto", "cuda", "cpu")
 # predictable on checkpoints nobody calibrated a threshold for.
 SLOW_BUDGET = 0.42
 FAST_BUDGET = 0.33
+# The fields that decide the step plan; a config may set at most one of them.
+PLAN_SOURCES = ("plan", "budget", "delta")
 
 
 @dataclass
 class HetCacheConfig:
     """How HetCache plans steps and picks tokens.
 
-    Exactly one of `plan`, `budget` and `delta` decides the step plan (in that order of precedence); with none of
-    them the `slow` budget is used.
+    At most one of `plan`, `budget` and `delta` may be given (a config with two of them is refused): it decides the
+    step plan; with none of them the `slow` budget is used.
 
     - `delta`, `kappa`: accumulated step distance below `delta` reuses, below `kappa * delta` computes PARTIAL,
       otherwise FULL.
@@ -107,6 +109,11 @@ class HetCacheConfig:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
         if self.delta is not None and self.delta < 0:
             raise ValueError(f"delta must be >= 0, got {self.delta}")
+        deciding = [name for name in PLAN_SOURCES if getattr(self, name) is not None]
+        if len(deciding) > 1:
+            raise ValueError(
+                f"{' and '.join(deciding)} each decide the step plan: give only one of them (the others None)"
+            )
         if self.plan is None and self.budget is None and self.delta is None:
             self.budget = SLOW_BUDGET
         if self.kappa < 1.0:
@@ -137,13 +144,15 @@ class HetCacheConfig:
 
     @classmethod
     def slow(cls, **overrides: Any) -> HetCacheConfig:
-        """HetCache-slow: a plan costing at most 42 % of dense FLOPs."""
-        return cls(budget=SLOW_BUDGET, **overrides)
+        """HetCache-slow: a plan costing at most 42 % of dense FLOPs. A `delta` or `plan` in `overrides` replaces
+        the budget (slow(delta=0.2) plans by thresholds)."""
+        return cls(**_preset(SLOW_BUDGET, overrides))
 
     @classmethod
     def fast(cls, **overrides: Any) -> HetCacheConfig:
-        """HetCache-fast: a plan costing at most 33 % of dense FLOPs."""
-        return cls(budget=FAST_BUDGET, **overrides)
+        """HetCache-fast: a plan costing at most 33 % of dense FLOPs. A `delta` or `plan` in `overrides` replaces
+        the budget."""
+        return cls(**_preset(FAST_BUDGET, overrides))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (dtypes as strings)."""
@@ -174,3 +183,9 @@ class HetCacheConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path} holds no HetCacheConfig object")
         return cls.from_dict(data)
+
+def _preset(budget: float, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A preset's options: its budget unless the overrides choose how the plan is decided themselves."""
+    if any(overrides.get(name) is not None for name in PLAN_SOURCES):
+        return {"budget": None, **overrides}
+    return {**overrides, "budget": budget}

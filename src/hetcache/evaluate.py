@@ -1,11 +1,11 @@
 """Evaluation over a dataset: every method on every (video, mask, prompt) item, scored against the ground truth
 where the dataset has one and against `full`'s output always, with resumable per-item results and aggregates.
 
-Each item runs like one `hetcache bench` (the same machinery: `bench.initial_latents`, `bench._run_method`): every
-method from the same inputs, seed and initial latents, `full` first. Scores use the raw model output:
-PSNR / SSIM over the frame, inside the mask and on the margin band, LPIPS when a model file is given, a temporal
-consistency measure inside the mask, and VFID over the whole dataset when an I3D model file is given. Layouts,
-files and fields: docs/EVAL.md.
+Each item runs like one `hetcache bench` (the same machinery, `hetcache.runner`): every method from the same
+inputs, seed and initial latents, `full` first. Scores use the raw model output: pooled and per-frame PSNR and
+SSIM over the frame, inside the mask and on the margin band, LPIPS over the frame and inside the mask when
+weights are given, a temporal consistency measure inside the mask, and VFID and KID over each group's clips when
+I3D weights are given. Layouts, files and fields: docs/EVAL.md.
 
 An inpainting item (one with ground truth) never shows the model what it must restore: its masked pixels are
 set to mid-grey before the pipeline sees them (VACE encodes the masked pixels as "reactive" frames).
@@ -36,33 +36,47 @@ import hetcache
 from hetcache import bench, files
 from hetcache import video as vio
 from hetcache.errors import UserError
-from hetcache.methods import inference_steps, unavailable_reason
+from hetcache.methods import (
+    inference_steps,
+    method_flag,
+    short_flag,
+    unavailable_reason,
+)
 from hetcache.metrics import (
     BAND_PX,
+    FIDELITY_KEYS,
     I3D,
     LPIPS,
     VFID_CLIP_FRAMES,
     VFID_CLIP_STRIDE,
     VFID_SIZE,
     fidelity,
+    kid,
     psnr,
     temporal_consistency,
     vfid,
 )
 from hetcache.pipeline import (
     HIDDEN_GREY,
-    default_flow_shift,
     load_pipeline,
     native_limits,
     resolve_device,
     resolve_dtype,
     run_edit,
 )
+from hetcache.runner import (
+    REFERENCE,
+    WARMUP_STEPS,
+    describe_failure,
+    fit_scheduler,
+    initial_latents,
+    method_configs,
+    run_method,
+)
 
 SCHEMA = "hetcache-eval/1"
 ITEM_SCHEMA = "hetcache-eval-item/1"
 LAYOUTS = ("vace-benchmark", "vpbench", "folder")
-REFERENCE = bench.REFERENCE
 GREY = HIDDEN_GREY  # what an inpainting item's masked pixels become before the model sees them
 ALIGNMENT_PSNR_DB = 30.0  # below this, outside the mask, the ground truth does not match the input: a note says so
 ITEMS_DIR = "items"
@@ -70,18 +84,18 @@ ITEM_FILE = "result.json"
 FEATURES_FILE = "i3d.npz"
 GROUND_TRUTH = "ground_truth"  # the ground truth's key in i3d.npz
 
-METRICS = (
-    "psnr_frame", "psnr_mask", "psnr_band", "ssim_frame", "ssim_mask", "ssim_band", "lpips", "temporal_mask",
-    "flicker_mask",
-)
+METRICS = (*FIDELITY_KEYS, "temporal_mask", "flicker_mask")
 REFERENCES = ("gt", "full")
 SCORES = tuple(f"{ref}_{metric}" for ref in REFERENCES for metric in METRICS)
 ITEM_COLUMNS = (
-    "item", "task", "method", "steps", "plan", "denoise_s", "speedup", "flops_ratio", "identical_to_full", *SCORES,
+    "item", "task", "method", "steps", "plan", "denoise_s", "speedup", "flops_ratio", "identical_to_full", "flag",
+    *SCORES,
 )
+# Set-level distances over a group's clip features (`metrics.vfid`, `metrics.kid`).
+DISTANCES = ("vfid", "kid")
 AGGREGATE_COLUMNS = (
-    "group", "method", "items", "gt_items", "identical_items", "denoise_s", "speedup", "flops_ratio", *SCORES,
-    "gt_vfid", "full_vfid",
+    "group", "method", "items", "gt_items", "identical_items", "denoise_s", "speedup", "flops_ratio", "flag", *SCORES,
+    *(f"{ref}_{d}" for d in DISTANCES for ref in REFERENCES),
 )
 OUTPUT_FILES = ("per_item.json", "per_item.csv", "per_item.md", "aggregate.json", "aggregate.csv", "aggregate.md")
 
@@ -112,19 +126,20 @@ class Dataset:
     notes: list[str] = field(default_factory=list)
 
 
-def scan_dataset(dataset: str | os.PathLike, layout: str) -> Dataset:
-    """The items of a dataset in `layout` (one of LAYOUTS), sorted; UserError when none can be found."""
+def scan_dataset(dataset: str | os.PathLike, layout: str, default_prompt: str | None = None) -> Dataset:
+    """The items of a dataset in `layout` (one of LAYOUTS), sorted; UserError when none can be found.
+    `default_prompt` is the prompt of items that have none."""
     path = Path(dataset)
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if not path.exists():
         raise UserError(f"dataset not found: {path}: check the path")
     if layout == "vpbench":
-        found = _scan_vpbench(path)
+        found = _scan_vpbench(path, default_prompt)
     elif not path.is_dir():
         raise UserError(f"dataset {path} is a file: the {layout} layout is a folder")
     else:
-        found = _scan_vace(path) if layout == "vace-benchmark" else _scan_folder(path)
+        found = (_scan_vace if layout == "vace-benchmark" else _scan_folder)(path, default_prompt)
     if not found.items:
         raise UserError(f"no items found in {path} for layout {layout}: see docs/EVAL.md for the expected files")
     return found
@@ -137,7 +152,7 @@ def _read_prompt(path: Path) -> str | None:
     return text or None
 
 
-def _scan_folder(root: Path) -> Dataset:
+def _scan_folder(root: Path, default_prompt: str | None) -> Dataset:
     """ROOT/<item>/video.mp4, mask.mp4 (or mask.png), prompt.txt, optional ground_truth.mp4."""
     items = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -146,7 +161,7 @@ def _scan_folder(root: Path) -> Dataset:
             continue
         mask = next((folder / n for n in ("mask.mp4", "mask.png") if (folder / n).is_file()), None)
         truth = folder / "ground_truth.mp4"
-        prompt = _read_prompt(folder / "prompt.txt")
+        prompt = _read_prompt(folder / "prompt.txt") or default_prompt
         problem = ("no mask.mp4 or mask.png" if mask is None else
                    "no prompt.txt (or it is empty)" if prompt is None else None)
         items.append(Item(folder.name, "inpainting" if truth.is_file() else "editing", prompt, video, mask,
@@ -154,7 +169,7 @@ def _scan_folder(root: Path) -> Dataset:
     return Dataset(items)
 
 
-def _scan_vace(root: Path) -> Dataset:
+def _scan_vace(root: Path, default_prompt: str | None) -> Dataset:
     """Every [<id>_]src_video.mp4 under ROOT with its [<id>_]src_mask.mp4, optional [<id>_]raw_video.mp4 or
     [<id>_]ori_video.mp4 (ground truth), and a prompt from [<id>_]prompt.txt or ROOT/metadata.jsonl."""
     metadata = _vace_metadata(root / _VACE_METADATA)
@@ -176,7 +191,8 @@ def _scan_vace(root: Path) -> Dataset:
             continue
         truth = next((folder / f"{prefix}{n}" for n in ("raw_video.mp4", "ori_video.mp4")
                       if (folder / f"{prefix}{n}").is_file()), None)
-        prompt = _read_prompt(folder / f"{prefix}prompt.txt") or (str(meta.get("prompt") or "").strip() or None)
+        prompt = (_read_prompt(folder / f"{prefix}prompt.txt") or str(meta.get("prompt") or "").strip()
+                  or default_prompt)
         problem = None if prompt is not None else f"no {prefix}prompt.txt and no prompt in {_VACE_METADATA}"
         items.append(Item(item_id, str(meta.get("task") or folder.name), prompt, video, mask, truth, problem=problem))
     notes = []
@@ -207,7 +223,7 @@ def _vace_metadata(path: Path) -> dict[str, dict]:
     return rows
 
 
-def _scan_vpbench(path: Path) -> Dataset:
+def _scan_vpbench(path: Path, default_prompt: str | None) -> Dataset:
     """VPBench: a CSV (default ROOT/our_video_edit.csv) of clips of ROOT's raw videos and .npz object-id masks."""
     table, root = (path, path.parent) if path.is_file() else (path / _VPBENCH_DEFAULT_CSV, path)
     if not table.is_file():
@@ -231,7 +247,7 @@ def _scan_vpbench(path: Path) -> Dataset:
         video, mask = folder / name, root / "video_inpainting" / source / base / "all_masks.npz"
         item_id = base if base not in seen else f"{base}-{number}"
         seen.add(item_id)
-        prompt = (row.get(prompt_column) or "").strip() or None
+        prompt = (row.get(prompt_column) or "").strip() or default_prompt
         try:
             mask_id, frame_range = int(row["mask_id"]), (int(row["start_frame"]), int(row["end_frame"]))
         except ValueError:
@@ -316,7 +332,7 @@ def _finite(value: float | None) -> float | None:
 
 
 def score(pred: np.ndarray, reference: np.ndarray, mask: np.ndarray, *, band_px: int = BAND_PX,
-          lpips: Callable[[np.ndarray, np.ndarray], float] | None = None) -> dict[str, float | None]:
+          lpips: LPIPS | None = None) -> dict[str, float | None]:
     """Every METRICS value of `pred` against `reference` (None where undefined, e.g. PSNR of identical pixels)."""
     scores = {key: _finite(value) for key, value in fidelity(pred, reference, mask, band_px=band_px,
                                                               lpips=lpips).items()}
@@ -372,7 +388,7 @@ class _Context:
 def evaluate_item(pipe: Any, item: Item, loaded: LoadedItem, ctx: _Context, folder: Path) -> dict[str, Any]:
     """Run every method on one item, score it, write its result.json (and i3d.npz); returns the record."""
     num_frames, height, width = loaded.mask.shape
-    latents = bench.initial_latents(pipe, num_frames, height, width, ctx.seed)
+    latents = initial_latents(pipe, num_frames, height, width, ctx.seed)
     # Inpainting items were greyed by `load_item`; editing items go in as they are.
     common = dict(negative_prompt="", guidance=ctx.guidance, seed=ctx.seed, latents=latents, hide_masked=False)
     rows, skipped, outputs, features = [], [], {}, {}
@@ -386,16 +402,16 @@ def evaluate_item(pipe: Any, item: Item, loaded: LoadedItem, ctx: _Context, fold
             continue
         run_steps = inference_steps(config, ctx.steps)
         try:
-            frames, denoise, stats, _ = bench._run_method(pipe, config, loaded.video, loaded.mask, item.prompt,
-                                                          run_steps, common)
+            done = run_method(pipe, config, loaded.video, loaded.mask, item.prompt, run_steps, common)
         except Exception as error:  # noqa: BLE001 - one failing method must not lose the others' results
             hetcache.disable(pipe)
             if name == REFERENCE:
                 raise
-            reason = f"failed: {type(error).__name__}: {' '.join(str(error).split())}"
+            reason = describe_failure(error)
             skipped.append({"method": name, "reason": reason, "failed": True})
             ctx.say(f"  {name:<20} {reason}")
             continue
+        frames, denoise, stats = done.frames, done.denoise_s, done.stats
         observed = stats.dense_flops > 0
         if name == REFERENCE:
             reference_time, reference_flops = denoise, (stats.flops if observed else None)
@@ -409,7 +425,7 @@ def evaluate_item(pipe: Any, item: Item, loaded: LoadedItem, ctx: _Context, fold
             "item": item.id, "task": item.task, "method": name, "steps": run_steps, "plan": stats.plan,
             "denoise_s": denoise, "speedup": reference_time / denoise if denoise > 0 else None,
             "flops_ratio": stats.flops / reference_flops if observed and reference_flops else None,
-            "identical_to_full": identical,
+            "identical_to_full": identical, "flag": method_flag(name),
             **{f"gt_{k}": v for k, v in gt.items()}, **{f"full_{k}": v for k, v in vs_full.items()},
         }
         rows.append(row)
@@ -434,8 +450,10 @@ def _fmt(value: Any, pattern: str) -> str:
 
 
 def _progress_line(row: dict[str, Any]) -> str:
-    gt = f"GT PSNR mask {_fmt(row['gt_psnr_mask'], '{:.2f}')}" if row["gt_psnr_frame"] is not None else "no GT"
-    full = "= full" if row["identical_to_full"] else f"vs full PSNR mask {_fmt(row['full_psnr_mask'], '{:.2f}')}"
+    gt = (f"GT PSNR mask {_fmt(row['gt_psnr_mask_per_frame'], '{:.2f}')}" if row["gt_psnr_frame"] is not None
+          else "no GT")
+    full = ("= full" if row["identical_to_full"] else
+            f"vs full PSNR mask {_fmt(row['full_psnr_mask_per_frame'], '{:.2f}')}")
     return (f"  {row['method']:<20} {row['denoise_s']:8.3f} s  {_fmt(row['speedup'], 'x{:.2f}'):>6}  "
             f"FLOPs {_fmt(row['flops_ratio'], '{:.2f}')}  {gt}  {full}  plan {row['plan'] or '-'}")
 
@@ -444,8 +462,9 @@ def _progress_line(row: dict[str, Any]) -> str:
 def aggregate(records: Sequence[dict[str, Any]], names: Sequence[str],
               features: dict[str, dict[str, np.ndarray]] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per (group, method): means over items of every per-item number (items where it is null left
-    out), counts, and the set-level VFIDs from `features` (item id -> name -> [clips, dim]). Groups: "all",
-    then one per task when the dataset has several. Returns (rows, notes on VFIDs that could not be made)."""
+    out), counts, and the set-level VFIDs and KIDs from `features` (item id -> name -> [clips, dim]). Groups:
+    "all", then one per task when the dataset has several. Returns (rows, notes on distances that could not be
+    made)."""
     tasks = sorted({r["task"] for r in records})
     groups = [("all", list(records))] + ([(t, [r for r in records if r["task"] == t]) for t in tasks]
                                          if len(tasks) > 1 else [])
@@ -460,25 +479,30 @@ def aggregate(records: Sequence[dict[str, Any]], names: Sequence[str],
             row = {
                 "group": group, "method": name, "items": len(per_item), "gt_items": len(with_truth),
                 "identical_items": sum(r["identical_to_full"] for r in per_item),
-                **{c: _mean([r[c] for r in per_item]) for c in ("denoise_s", "speedup", "flops_ratio", *SCORES)},
-                "gt_vfid": None, "full_vfid": None,
+                **{c: _mean([r[c] for r in per_item]) for c in ("denoise_s", "speedup", "flops_ratio")},
+                "flag": method_flag(name), **{c: _mean([r[c] for r in per_item]) for c in SCORES},
+                **{f"{ref}_{d}": None for d in DISTANCES for ref in REFERENCES},
             }
             if features is not None:
                 ids = [r["item"] for r in per_item]
-                row["gt_vfid"] = _set_vfid(features, with_truth, GROUND_TRUTH, name, f"{group}: gt_vfid", notes)
-                if name != REFERENCE:
-                    row["full_vfid"] = _set_vfid(features, ids, REFERENCE, name, f"{group}: full_vfid", notes)
+                for distance in DISTANCES:
+                    row[f"gt_{distance}"] = _set_distance(features, with_truth, GROUND_TRUTH, name, distance,
+                                                          f"{group}: gt_{distance}", notes)
+                    if name != REFERENCE:
+                        row[f"full_{distance}"] = _set_distance(features, ids, REFERENCE, name, distance,
+                                                                f"{group}: full_{distance}", notes)
             rows.append(row)
     return rows, list(dict.fromkeys(notes))
 
 
-def _set_vfid(features: dict[str, dict[str, np.ndarray]], ids: Sequence[str], reference: str, name: str,
-              label: str, notes: list[str]) -> float | None:
+def _set_distance(features: dict[str, dict[str, np.ndarray]], ids: Sequence[str], reference: str, name: str,
+                  distance: str, label: str, notes: list[str]) -> float | None:
     sets = [[features[i][key] for i in ids if i in features and key in features[i]] for key in (reference, name)]
     if not all(sets):
         return None
+    measure = {"vfid": vfid, "kid": kid}[distance]
     try:
-        return vfid(np.concatenate(sets[0]), np.concatenate(sets[1]))
+        return measure(np.concatenate(sets[0]), np.concatenate(sets[1]))
     except ValueError as error:
         notes.append(f"{label}: not computed: {error} ({len(ids)} items)")
         return None
@@ -497,27 +521,30 @@ def _markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str,
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
              "|" + "|".join("---" if pattern == "{}" else "---:" for _, _, pattern in columns) + "|"]
     for row in rows:
-        cells = [_fmt(row[key], pattern) if key != "plan" else (f"`{row[key]}`" if row[key] else "-")
-                 for key, _, pattern in columns]
+        cells = [(f"`{row[key]}`" if row[key] else "-") if key == "plan" else (short_flag(row[key]) or "-")
+                 if key == "flag" else _fmt(row[key], pattern) for key, _, pattern in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 _ITEM_MD = (
     ("item", "item", "{}"), ("task", "task", "{}"), ("method", "method", "{}"), ("plan", "plan", "{}"),
-    ("speedup", "speedup", "{:.2f}x"), ("flops_ratio", "FLOPs", "{:.2f}"), ("gt_psnr_mask", "GT PSNR mask", "{:.2f}"),
-    ("gt_ssim_mask", "GT SSIM mask", "{:.4f}"), ("gt_lpips", "GT LPIPS", "{:.4f}"),
-    ("gt_temporal_mask", "GT temporal", "{:.2f}"), ("full_psnr_mask", "full PSNR mask", "{:.2f}"),
-    ("full_ssim_mask", "full SSIM mask", "{:.4f}"), ("full_psnr_band", "full PSNR band", "{:.2f}"),
-    ("full_temporal_mask", "full temporal", "{:.2f}"),
+    ("speedup", "speedup", "{:.2f}x"), ("flops_ratio", "FLOPs", "{:.2f}"),
+    ("gt_psnr_mask_per_frame", "GT PSNR mask", "{:.2f}"), ("gt_ssim_mask", "GT SSIM mask", "{:.4f}"),
+    ("gt_lpips_mask", "GT LPIPS mask", "{:.4f}"), ("gt_temporal_mask", "GT temporal", "{:.2f}"),
+    ("full_psnr_mask_per_frame", "full PSNR mask", "{:.2f}"), ("full_ssim_mask", "full SSIM mask", "{:.4f}"),
+    ("full_psnr_band_per_frame", "full PSNR band", "{:.2f}"), ("full_temporal_mask", "full temporal", "{:.2f}"),
+    ("flag", "flag", "{}"),
 )
 _AGGREGATE_MD = (
     ("group", "group", "{}"), ("method", "method", "{}"), ("items", "items", "{}"), ("speedup", "speedup", "{:.2f}x"),
-    ("flops_ratio", "FLOPs", "{:.2f}"), ("gt_psnr_mask", "GT PSNR mask", "{:.2f}"),
-    ("gt_ssim_mask", "GT SSIM mask", "{:.4f}"), ("gt_psnr_frame", "GT PSNR frame", "{:.2f}"),
-    ("gt_lpips", "GT LPIPS", "{:.4f}"), ("gt_temporal_mask", "GT temporal", "{:.2f}"), ("gt_vfid", "GT VFID", "{:.3f}"),
-    ("full_psnr_mask", "full PSNR mask", "{:.2f}"), ("full_ssim_mask", "full SSIM mask", "{:.4f}"),
-    ("full_psnr_band", "full PSNR band", "{:.2f}"), ("full_vfid", "full VFID", "{:.3f}"),
+    ("flops_ratio", "FLOPs", "{:.2f}"), ("gt_psnr_mask_per_frame", "GT PSNR mask", "{:.2f}"),
+    ("gt_ssim_mask", "GT SSIM mask", "{:.4f}"), ("gt_psnr_frame_per_frame", "GT PSNR frame", "{:.2f}"),
+    ("gt_lpips", "GT LPIPS", "{:.4f}"), ("gt_lpips_mask", "GT LPIPS mask", "{:.4f}"),
+    ("gt_temporal_mask", "GT temporal", "{:.2f}"), ("gt_vfid", "GT VFID", "{:.3f}"), ("gt_kid", "GT KID", "{:.4f}"),
+    ("full_psnr_mask_per_frame", "full PSNR mask", "{:.2f}"), ("full_ssim_mask", "full SSIM mask", "{:.4f}"),
+    ("full_psnr_band_per_frame", "full PSNR band", "{:.2f}"), ("full_vfid", "full VFID", "{:.3f}"),
+    ("full_kid", "full KID", "{:.4f}"), ("flag", "flag", "{}"),
 )
 
 
@@ -528,8 +555,10 @@ def _header(settings: dict[str, Any], title: str) -> list[str]:
         f"{s['dataset']} ({s['layout']}), {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']}, "
         f"{s['device']}/{s['dtype']}, model {s['model']}.", "",
         "Scores of each method's raw output: `GT` against the ground truth (inpainting items only), `full` against "
-        "the `full` method's output. PSNR (dB), SSIM, LPIPS; temporal = mean |frame difference - reference's frame "
-        "difference| inside the mask, in 8-bit levels (docs/EVAL.md). CSV and JSON hold every column.", "",
+        "the `full` method's output. PSNR (dB): the mean over frames of each frame's PSNR (pooled PSNRs are in the "
+        "CSV and JSON); SSIM; LPIPS over the frame and inside the mask; temporal = mean |frame difference - "
+        "reference's frame difference| inside the mask, in 8-bit levels; VFID and KID over the group's clips "
+        "(docs/EVAL.md). Flags: docs/RESULTS_SCHEMA.md. CSV and JSON hold every column.", "",
     ]
 
 
@@ -551,7 +580,7 @@ def write_tables(out: Path, settings: dict[str, Any], records: Sequence[dict[str
     tail += ["", "Notes:", ""] + [f"- {n}" for n in summary["notes"]] if summary["notes"] else []
     item_md = _header(settings, "per item") + _markdown_table(item_rows, _ITEM_MD) + tail
     aggregate_md = (_header(settings, "aggregate") + _markdown_table(rows, _AGGREGATE_MD)
-                    + ["", "Means over items; VFID over the clips of all items of the group."] + tail)
+                    + ["", "Means over items; VFID and KID over the clips of all items of the group."] + tail)
     files.write_bytes(out / "per_item.md", ("\n".join(item_md) + "\n").encode())
     files.write_bytes(out / "aggregate.md", ("\n".join(aggregate_md) + "\n").encode())
     return summary
@@ -590,12 +619,15 @@ def eval_main(
     lpips_weights: Path | str | None,
     i3d_weights: Path | str | None,
     limit: int | None,
+    method_options: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """`hetcache eval`: every method on every item of a dataset; resumes finished items; writes per-item and
-    aggregate tables into `out`. Returns aggregate.json's content."""
+    aggregate tables into `out`. `method_options` ({method: {option: value}}) go to the methods' configs.
+    Returns aggregate.json's content."""
     names = bench.parse_methods(methods)
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
+    configs = method_configs(names, steps=steps, options=method_options)
     if limit is not None and limit < 1:
         raise UserError(f"limit must be at least 1, got {limit}")
     out = Path(out)
@@ -605,17 +637,18 @@ def eval_main(
     items = found.items[:limit]
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    lpips = LPIPS(lpips_weights, torch_device) if lpips_weights else None
-    i3d = I3D(i3d_weights, torch_device) if i3d_weights else None
+    lpips = LPIPS.from_file(lpips_weights, torch_device) if lpips_weights else None
+    i3d = I3D.from_file(i3d_weights, torch_device) if i3d_weights else None
     key = {
         "layout": layout, "model": model, "steps": steps, "frames": frames, "height": height, "width": width,
         "seed": seed, "guidance": guidance, "device": torch_device.type,
         "dtype": str(torch_dtype).removeprefix("torch."), "band_px": BAND_PX,
         "lpips": str(lpips_weights) if lpips_weights else None, "i3d": str(i3d_weights) if i3d_weights else None,
+        "method_options": method_options or {},
     }
     settings = _settings(dataset, key, names, limit, torch_device)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = _Context(key, bench._configs(names), steps, seed, guidance, BAND_PX, lpips, i3d, _say)
+    ctx = _Context(key, configs, steps, seed, guidance, BAND_PX, lpips, i3d, _say)
     pipe = None
     records, failed = [], []
     for item in tqdm(items, desc="eval", unit="item", file=sys.stderr):
@@ -634,7 +667,7 @@ def eval_main(
         _say(f"{item.id} ({item.task}, {'ground truth' if loaded.ground_truth is not None else 'no ground truth'})")
         if pipe is None:
             pipe = _load(model, torch_device, torch_dtype, loaded, item.prompt)
-        _set_flow_shift(pipe, *loaded.mask.shape[1:])
+        fit_scheduler(pipe, *loaded.mask.shape[1:])
         try:
             records.append(evaluate_item(pipe, item, loaded, ctx, folder))
         except (UserError, RuntimeError, ValueError) as error:
@@ -662,15 +695,8 @@ def _load(model: str, device: torch.device, dtype: torch.dtype, first: LoadedIte
     """Load the pipeline and make one untimed 1-step run (lazy initialisation, as `hetcache bench` does)."""
     _, height, width = first.mask.shape
     pipe = load_pipeline(model, device, dtype, height=height, width=width)
-    run_edit(pipe, first.video, first.mask, prompt, steps=bench.WARMUP_STEPS, hide_masked=False)
+    run_edit(pipe, first.video, first.mask, prompt, steps=WARMUP_STEPS, hide_masked=False)
     return pipe
-
-
-def _set_flow_shift(pipe: Any, height: int, width: int) -> None:
-    """Items may differ in size: each gets the scheduler shift of its own size class."""
-    shift = default_flow_shift(height, width)
-    if pipe.scheduler.config.get("flow_shift") != shift:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=shift)
 
 
 def _settings(dataset: Any, key: dict[str, Any], names: Sequence[str], limit: int | None,

@@ -1,17 +1,20 @@
 """Fidelity of an edited video to a reference: PSNR and SSIM over the frame, inside the mask and on its margin band,
-and LPIPS when the user supplies a model file.
+LPIPS over the frame and inside the mask when the user supplies weights, temporal consistency, and the
+distribution distances VFID and KID over video features.
 
-Videos are uint8 arrays [F, H, W, 3]; regions are bool arrays [F, H, W]. A region's PSNR uses the mean squared
-error over its pixels only (all frames and channels pooled, values in [0, 1]); a region's SSIM is the mean of the
-SSIM map (torchmetrics, Gaussian window 11, sigma 1.5, computed on whole frames) over its pixels. Errors are
-summed in integers, so PSNR is exact. Frames are processed a few at a time to bound memory.
+Videos are uint8 arrays [F, H, W, 3]; regions are bool arrays [F, H, W]. PSNR comes two ways: pooled (`psnr`: the
+mean squared error over all of a region's pixels in all frames, values in [0, 1]) and per frame (`psnr_per_frame`:
+the mean over frames of each frame's PSNR over its region pixels, as the video-editing literature reports it; an
+exact frame counts at the largest finite PSNR of its region).
+A region's SSIM is the mean of the SSIM map (torchmetrics, Gaussian window 11, sigma 1.5, computed on whole
+frames) over its pixels. Errors are summed in integers, so PSNR is exact. Frames are processed a few at a time to
+bound memory. The LPIPS and I3D networks are `hetcache.networks`; user weight files load there as state dicts.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from hetcache.errors import UserError
+from hetcache.networks import I3DNetwork, LPIPSNetwork, load_network
 
 # Width of the margin band in pixels: one 16x16 token around the mask, where seams between the generated region
 # and the kept video show first.
@@ -37,25 +41,47 @@ def _check(pred: np.ndarray, target: np.ndarray, region: np.ndarray | None) -> N
         raise ValueError(f"region must be bool {pred.shape[:3]}, got {region.dtype} {region.shape}")
 
 
-def psnr(pred: np.ndarray, target: np.ndarray, region: np.ndarray | None = None) -> float | None:
-    """PSNR in dB over `region` (None: every pixel): inf for identical pixels, None for an empty region."""
+def _squared_errors(pred: np.ndarray, target: np.ndarray, region: np.ndarray | None) -> list[tuple[int, int]]:
+    """Per frame: (sum of squared 8-bit errors over the region's pixels and channels, region pixels)."""
     _check(pred, target, region)
-    squared, count = 0, 0
+    per_frame = []
     for f in range(len(pred)):
         diff = pred[f].astype(np.int32) - target[f].astype(np.int32)
         sq = (diff * diff).sum(axis=-1, dtype=np.int64)
         if region is None:
-            squared += int(sq.sum())
-            count += sq.size
+            per_frame.append((int(sq.sum()), sq.size))
         else:
-            squared += int(sq[region[f]].sum())
-            count += int(region[f].sum())
-    if count == 0:
-        return None
+            per_frame.append((int(sq[region[f]].sum()), int(region[f].sum())))
+    return per_frame
+
+
+def _psnr_of(squared: int, count: int) -> float:
     if squared == 0:
         return math.inf
-    mse = squared / (count * 3 * _MAX**2)
-    return -10.0 * math.log10(mse)
+    return -10.0 * math.log10(squared / (count * 3 * _MAX**2))
+
+
+def psnr(pred: np.ndarray, target: np.ndarray, region: np.ndarray | None = None) -> float | None:
+    """Pooled PSNR in dB over `region` (None: every pixel) of all frames: inf for identical pixels, None for an
+    empty region."""
+    errors = _squared_errors(pred, target, region)
+    count = sum(c for _, c in errors)
+    return None if count == 0 else _psnr_of(sum(s for s, _ in errors), count)
+
+
+def psnr_per_frame(pred: np.ndarray, target: np.ndarray, region: np.ndarray | None = None) -> float | None:
+    """The mean over frames of each frame's PSNR over its `region` pixels (None: every pixel); frames without
+    region pixels are left out, None when no frame has any.
+
+    A frame identical within its region counts at the largest finite PSNR its region allows, that of one 8-bit
+    level off in one value (10 log10(3 n 255^2) for n pixels), so that one exact frame does not make the mean
+    infinite; when every frame is identical the result is inf, as for the pooled PSNR."""
+    errors = [(s, c) for s, c in _squared_errors(pred, target, region) if c]
+    if not errors:
+        return None
+    if all(s == 0 for s, _ in errors):
+        return math.inf
+    return sum(_psnr_of(max(s, 1), c) for s, c in errors) / len(errors)
 
 
 def ssim(pred: np.ndarray, target: np.ndarray, region: np.ndarray | None = None) -> float | None:
@@ -102,54 +128,75 @@ def band(mask: np.ndarray, width: int = BAND_PX) -> np.ndarray:
     return grown.numpy().astype(bool) & ~mask
 
 
+# The fidelity scores, in the order of every table that lists them.
+FIDELITY_KEYS = (
+    "psnr_frame", "psnr_mask", "psnr_band", "psnr_frame_per_frame", "psnr_mask_per_frame", "psnr_band_per_frame",
+    "ssim_frame", "ssim_mask", "ssim_band", "lpips", "lpips_mask",
+)
+
+
 def fidelity(
     pred: np.ndarray,
     target: np.ndarray,
     mask: np.ndarray,
     *,
     band_px: int = BAND_PX,
-    lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
+    lpips: LPIPS | None = None,
 ) -> dict[str, float | None]:
-    """psnr_/ssim_ over the frame, the mask and the margin band, and lpips (None without a model)."""
+    """FIDELITY_KEYS: pooled and per-frame PSNR and SSIM over the frame, the mask and the margin band, and LPIPS
+    over the frame and inside the mask (None without LPIPS weights)."""
     regions = {"frame": None, "mask": mask, "band": band(mask, band_px)}
     out = {f"psnr_{name}": psnr(pred, target, region) for name, region in regions.items()}
+    out.update({f"psnr_{name}_per_frame": psnr_per_frame(pred, target, region) for name, region in regions.items()})
     out.update({f"ssim_{name}": value for name, value in ssim_regions(pred, target, regions).items()})
-    out["lpips"] = None if lpips is None else lpips(pred, target)
-    return out
+    out["lpips"], out["lpips_mask"] = (None, None) if lpips is None else lpips.scores(pred, target, mask)
+    return {key: out[key] for key in FIDELITY_KEYS}
 
 
 class LPIPS:
-    """LPIPS from a model file the user provides (never downloaded): a TorchScript file (`torch.jit.save`) or a
-    whole pickled `nn.Module` (`torch.save(model)`), called as `model(x, y)` on float [B, 3, H, W] frames in
-    [-1, 1] (the `lpips` package's convention) and returning one distance per frame. The score is the mean over
-    frames, whole frames only.
+    """LPIPS of a video against a reference, frame by frame, from a network that maps two batches of frames in
+    [-1, 1] to a list of distance maps [B, 1, h, w] (`networks.LPIPSNetwork`; `from_file` loads its weights).
+
+    The whole-frame score is the mean over frames of each frame's LPIPS (the sum over maps of their spatial
+    means). Inside a region: each map is upsampled bilinearly to the frame and summed (the per-pixel LPIPS map,
+    the lpips package's `spatial=True`), averaged over the region's pixels in each frame, then over the frames
+    that have region pixels. The maps see the whole frame, so the masked score still weighs a little context
+    around the region (the receptive fields), as the masked SSIM does.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
-        if not os.path.isfile(path):
-            raise UserError(f"LPIPS model file not found: {path}: pass a TorchScript or torch.save'd LPIPS module")
+    def __init__(self, network: torch.nn.Module, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
-        try:
-            self.model = torch.jit.load(str(path), map_location=self.device)
-        except RuntimeError:
-            try:
-                model = torch.load(str(path), map_location=self.device, weights_only=False)
-            except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-                raise UserError(f"cannot load LPIPS model {path}: {error}: save it with torch.jit.save") from None
-            if not isinstance(model, torch.nn.Module):
-                raise UserError(f"{path} holds a {type(model).__name__}, not a module: save the whole LPIPS model")
-            self.model = model
-        self.model.eval()
+        self.network = network.to(self.device).eval()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> LPIPS:
+        """LPIPS with the weights of `path`: a state dict of the lpips package's LPIPS module (AlexNet or VGG),
+        as safetensors or a `torch.save` file; never downloaded."""
+        return cls(load_network(path, LPIPSNetwork, "LPIPS", device), device)
+
+    def __call__(self, pred: np.ndarray, target: np.ndarray) -> float:
+        """The whole-frame score."""
+        return self.scores(pred, target, None)[0]
 
     @torch.no_grad()
-    def __call__(self, pred: np.ndarray, target: np.ndarray) -> float:
-        _check(pred, target, None)
-        total = 0.0
+    def scores(self, pred: np.ndarray, target: np.ndarray, region: np.ndarray | None) -> tuple[float, float | None]:
+        """(whole-frame LPIPS, LPIPS inside `region` or None when it is empty or not given)."""
+        _check(pred, target, region)
+        frame_scores, region_scores = [], []
         for start in range(0, len(pred), _CHUNK):
             p = _to_tensor(pred[start : start + _CHUNK]).to(self.device) * 2 - 1
             t = _to_tensor(target[start : start + _CHUNK]).to(self.device) * 2 - 1
-            total += float(self.model(p, t).double().reshape(len(p), -1).mean(dim=1).sum())
-        return total / len(pred)
+            maps = [m.double() for m in self.network(p, t)]
+            frame_scores += sum(m.mean(dim=(1, 2, 3)) for m in maps).tolist()
+            if region is None:
+                continue
+            size = p.shape[-2:]
+            per_pixel = sum(F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps)[:, 0]
+            for pixels, selected in zip(per_pixel.cpu(), torch.from_numpy(region[start : start + _CHUNK])):
+                if selected.any():
+                    region_scores.append(float(pixels[selected].mean()))
+        masked = sum(region_scores) / len(region_scores) if region_scores else None
+        return sum(frame_scores) / len(frame_scores), masked
 
 
 # ------------------------------------------------------------------------------------------------ temporal
@@ -245,17 +292,51 @@ def vfid(reference: np.ndarray, generated: np.ndarray) -> float:
     return frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
+def min_kid_clips() -> int:
+    """Clips each set needs for KID's unbiased estimate: 2 (it averages over pairs of distinct clips)."""
+    return 2
+
+
+def kid(reference: np.ndarray, generated: np.ndarray) -> float:
+    """Kernel Inception Distance (Binkowski et al., "Demystifying MMD GANs", ICLR 2018) between two sets of clip
+    features [n, dim]: the unbiased estimate of the squared MMD with the kernel k(x, y) = (x.y / dim + 1)^3,
+    over the whole sets (no subsets). Unlike VFID it needs no covariance, so a handful of clips suffices; being
+    unbiased it can come out slightly negative when the sets match. Raises ValueError below `min_kid_clips()`.
+    """
+    if reference.ndim != 2 or generated.ndim != 2 or reference.shape[1] != generated.shape[1]:
+        raise ValueError(f"feature sets must be [n, dim] of one dim, got {reference.shape} and {generated.shape}")
+    fewest = min(len(reference), len(generated))
+    if fewest < min_kid_clips():
+        raise ValueError(f"KID needs at least {min_kid_clips()} clips per set, got {fewest}")
+    x, y = reference.astype(np.float64), generated.astype(np.float64)
+    dim = x.shape[1]
+
+    def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (a @ b.T / dim + 1.0) ** 3
+
+    def within(a: np.ndarray) -> float:
+        k = kernel(a, a)
+        return float((k.sum() - np.trace(k)) / (len(a) * (len(a) - 1)))
+
+    return within(x) + within(y) - 2.0 * float(kernel(x, y).mean())
+
+
 class I3D:
-    """Video features from a model file the user provides (never downloaded): a TorchScript file or a whole
-    pickled `nn.Module` (e.g. an I3D network cut at its last pooling layer), called as `model(x)` on float
-    [B, 3, T, 224, 224] clips in [-1, 1] and returning [B, dim] features ([B, dim, ...] outputs are averaged over
-    the trailing dimensions, i.e. global average pooling). Calling it on a video gives one row per clip window.
+    """Video features from a network that maps clips [B, 3, T, 224, 224] in [-1, 1] to [B, dim] features
+    (`networks.I3DNetwork`; `from_file` loads its weights; [B, dim, ...] outputs are averaged over the trailing
+    dimensions, i.e. global average pooling). Calling it on a video gives one row per clip window.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", batch: int = 4) -> None:
-        self.model = _load_module(path, "I3D", device)
+    def __init__(self, network: torch.nn.Module, device: str | torch.device = "cpu", batch: int = 4) -> None:
         self.device = torch.device(device)
+        self.model = network.to(self.device).eval()
         self.batch = batch
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, device: str | torch.device = "cpu", batch: int = 4) -> I3D:
+        """I3D with the weights of `path`: an RGB I3D state dict (e.g. the PyTorch port's `rgb_imagenet.pt`), as
+        safetensors or a `torch.save` file; never downloaded."""
+        return cls(load_network(path, I3DNetwork, "I3D", device), device, batch)
 
     @torch.no_grad()
     def __call__(self, video: np.ndarray) -> np.ndarray:
@@ -277,20 +358,3 @@ class I3D:
         x = F.interpolate(_to_tensor(frames), size=(VFID_SIZE, VFID_SIZE), mode="bilinear", antialias=True,
                           align_corners=False)
         return (x * 2 - 1).clamp(-1, 1).permute(1, 0, 2, 3)
-
-
-def _load_module(path: str | os.PathLike, what: str, device: str | torch.device) -> torch.nn.Module:
-    """A TorchScript file or a whole torch.save'd module, in eval mode on `device`; UserError otherwise."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} model file not found: {path}: pass a TorchScript or torch.save'd {what} module")
-    device = torch.device(device)
-    try:
-        model = torch.jit.load(str(path), map_location=device)
-    except RuntimeError:
-        try:
-            model = torch.load(str(path), map_location=device, weights_only=False)
-        except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-            raise UserError(f"cannot load {what} model {path}: {error}: save it with torch.jit.save") from None
-        if not isinstance(model, torch.nn.Module):
-            raise UserError(f"{path} holds a {type(model).__name__}, not a module: save the whole {what} model")
-    return model.eval()

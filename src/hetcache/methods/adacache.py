@@ -17,8 +17,11 @@ Here:
   last computation);
 - codebooks (paper, appendix A.1): for schedules of more than 30 steps the 100-step one,
   {0.03: 12, 0.05: 10, 0.07: 8, 0.09: 6, 0.11: 4, 1.00: 3}, which the released code uses by default; for 30
-  steps or fewer AdaCache-fast's 30-step one, {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.00: 1}. A rate
-  is the first whose threshold exceeds the metric, else the last; the next computed step is t + rate;
+  steps or fewer AdaCache-fast's 30-step one, {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.00: 1}. Rates
+  count steps of the schedule the codebook was made for, so they are rescaled to the run's step count S
+  (x S/100 or x S/30, rounded half up, at least 1: at 50 steps the 100-step rates halve), then multiplied by
+  `codebook_scale` (the knob a sweep varies; < 1 recomputes sooner). A rate is the first whose threshold
+  exceeds the metric, else the last; the next computed step is t + rate;
 - steps 0 and 1 compute (a distance needs two computed steps), as do the last two steps (the released code's
   `skip_cache_steps`); indexed by step index, never by timestep value;
 - residuals are cached for the whole block (the paper's attention and MLP residuals added together: with one
@@ -44,10 +47,12 @@ CODEBOOK_100_STEPS = {0.03: 12, 0.05: 10, 0.07: 8, 0.09: 6, 0.11: 4, 1.00: 3}
 
 @dataclass
 class AdaCacheConfig:
-    """`codebook` maps metric thresholds to cache rates (None: chosen by step count); `metric_layer` is the main
-    block whose residual gives the metric (None: num_layers // 2)."""
+    """`codebook` maps metric thresholds to cache rates in steps of the run (None: the paper's codebook for the
+    nearest schedule, rescaled to the run's step count); `codebook_scale` multiplies every rate (rounded, at
+    least 1); `metric_layer` is the main block whose residual gives the metric (None: num_layers // 2)."""
 
     codebook: dict[float, int] | None = None
+    codebook_scale: float = 1.0
     metric_layer: int | None = None
 
     def __post_init__(self) -> None:
@@ -55,11 +60,17 @@ class AdaCacheConfig:
             if not self.codebook or any(rate < 1 for rate in self.codebook.values()):
                 raise ValueError("codebook must map thresholds to rates >= 1")
             self.codebook = {float(k): int(v) for k, v in sorted(self.codebook.items())}
+        if not self.codebook_scale > 0:
+            raise ValueError(f"codebook_scale must be > 0, got {self.codebook_scale}")
 
     def codebook_for(self, num_steps: int | None) -> dict[float, int]:
+        """The codebook a run of `num_steps` steps uses (None: unknown, the 100-step one unscaled)."""
         if self.codebook is not None:
-            return self.codebook
-        return CODEBOOK_30_STEPS if num_steps is not None and num_steps <= 30 else CODEBOOK_100_STEPS
+            return _scaled(self.codebook, self.codebook_scale)
+        if num_steps is None:
+            return _scaled(CODEBOOK_100_STEPS, self.codebook_scale)
+        base, made_for = (CODEBOOK_30_STEPS, 30) if num_steps <= 30 else (CODEBOOK_100_STEPS, 100)
+        return _scaled(base, self.codebook_scale * num_steps / made_for)
 
     def attach(self, transformer: torch.nn.Module, pipeline: Any = None) -> AdaCacheRuntime:
         runtime = AdaCacheRuntime(transformer, self, base.scheduler_of(pipeline))
@@ -70,10 +81,15 @@ class AdaCacheConfig:
         return base.attach(transformer, runtime, hooks)
 
     def never_skip(self) -> AdaCacheConfig:
-        return dataclasses.replace(self, codebook={1.0: 1})
+        return dataclasses.replace(self, codebook={1.0: 1}, codebook_scale=1.0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _scaled(codebook: dict[float, int], factor: float) -> dict[float, int]:
+    """Every rate times `factor`, rounded half up, at least 1."""
+    return {threshold: max(1, int(rate * factor + 0.5)) for threshold, rate in codebook.items()}
 
 
 def cache_rate(metric: float, codebook: dict[float, int]) -> int:

@@ -19,7 +19,13 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from hetcache import compat, flops
-from hetcache.core import DEFAULT_CONTEXT, HOOK_NAME, CacheStats, StepClock, call_argument
+from hetcache.core import (
+    DEFAULT_CONTEXT,
+    HOOK_NAME,
+    CacheStats,
+    StepClock,
+    call_argument,
+)
 
 
 def tensor_bytes(value: Any) -> int:

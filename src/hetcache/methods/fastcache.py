@@ -1,4 +1,5 @@
-"""FastCache on WanVACE: motion-aware token reduction plus a statistical per-block cache test.
+"""FastCache-style caching on WanVACE (method name `fastcache-style`): motion-aware token reduction plus a
+statistical per-block cache test, with cached residuals where FastCache has learned linear maps.
 
 FastCache (Liu et al., "FastCache: Fast Caching for Diffusion Transformer Through Learnable Linear
 Approximation", arXiv 2505.20353) has two parts:
@@ -44,6 +45,9 @@ from diffusers.hooks.hooks import BaseState
 
 from hetcache import flops
 from hetcache.methods import base
+
+# What every result of this method carries next to it: it is FastCache's structure, not FastCache.
+DEVIATION = "deviation: cached residuals stand in for FastCache's learned linear maps (none exist for Wan)"
 
 
 @dataclass

@@ -32,6 +32,11 @@ from hetcache.methods import base
 
 MAGCACHE_LOGGER = "diffusers.hooks.mag_cache"
 _MAGCACHE_RESULT = "MagCache Calibration Results:"
+# The caveat every FirstBlockCache and MagCache result carries (see the module docstring).
+VACE_HINTS_TWICE = "wrong on VACE: skipped steps add the VACE hints twice (diffusers caches the main blocks only)"
+# cache-dit's DBCache defaults (F8B0, 8 warm-up steps), lowered only where they do not fit the model or the run.
+CACHE_DIT_COMPUTE_BLOCKS = 8
+CACHE_DIT_WARMUP_STEPS = 8
 
 
 def cache_dit_available() -> bool:
@@ -104,6 +109,12 @@ class DiffusersCacheMethod:
 
         return (FirstBlockCacheConfig if self.kind == "fbc" else MagCacheConfig)(**self.options)
 
+    def check(self) -> None:
+        """Let diffusers check the options now (TypeError / ValueError), before any run; MagCache's `mag_ratios`,
+        which `prepare` calibrates when they are not given, stand in as 1s."""
+        placeholder = {"mag_ratios": [1.0]} if self.kind == "magcache" else {}
+        dataclasses.replace(self, options={**placeholder, **self.options}).cache_config()
+
     def prepare(self, transformer: torch.nn.Module, steps: int, run: Callable[[], Any]) -> None:
         """Before a run of `steps` steps; `run()` runs the pipeline once on the benchmark's inputs."""
         if self.kind != "magcache":
@@ -130,6 +141,13 @@ class DiffusersCacheMethod:
     def to_dict(self) -> dict[str, Any]:
         options = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in self.options.items()}
         return {"kind": self.kind, "options": options}
+
+
+def diffusers_cache_fields(kind: str) -> tuple[str, ...]:
+    """The options diffusers' FirstBlockCacheConfig (`fbc`) or MagCacheConfig (`magcache`) accepts."""
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
+
+    return tuple(f.name for f in dataclasses.fields(FirstBlockCacheConfig if kind == "fbc" else MagCacheConfig))
 
 
 def calibrate_mag_ratios(transformer: torch.nn.Module, steps: int, run: Callable[[], Any]) -> list[float]:
@@ -165,12 +183,19 @@ def calibrate_mag_ratios(transformer: torch.nn.Module, steps: int, run: Callable
 
 @dataclass
 class CacheDitMethod:
-    """cache-dit's DBCache through `cache_dit.enable_cache(pipe)` (its defaults unless `options` are given, which
-    go to `cache_dit.DBCacheConfig`). cache-dit replaces the transformer's forward with its own, so only the
-    calls are observed: plan letters are "?" and FLOPs are unknown. Needs the pipeline, not a bare transformer.
-    Not exercised by hetcache's tests (cache-dit is an optional extra, absent from the test machines)."""
+    """cache-dit's DBCache through `cache_dit.enable_cache(pipe)`, with `options` passed to
+    `cache_dit.DBCacheConfig`. cache-dit replaces the transformer's forward with its own, so only the calls are
+    observed: plan letters are "?" and FLOPs are unknown. Needs the pipeline, not a bare transformer.
+
+    cache-dit's defaults (F8B0: 8 compute blocks first, 8 warm-up steps) fail on models of 8 blocks or fewer and
+    leave nothing to cache in runs of 8 steps or fewer; `prepare` fits them (`fitted_options`). Enabling the
+    cache is not exercised by hetcache's tests (cache-dit is an optional extra, absent from the test machines)."""
 
     options: dict[str, Any] = field(default_factory=dict)
+
+    def prepare(self, transformer: torch.nn.Module, steps: int, run: Callable[[], Any]) -> None:
+        """Before a run of `steps` steps: fit the defaults to the model's block count and the step count."""
+        self.options = fitted_options(self.options, len(transformer.blocks), steps)
 
     def attach(self, transformer: torch.nn.Module, pipeline: Any = None) -> ObserverRuntime:
         if pipeline is None:
@@ -190,3 +215,15 @@ class CacheDitMethod:
 
     def to_dict(self) -> dict[str, Any]:
         return {"options": dict(self.options)}
+
+
+def fitted_options(options: dict[str, Any], num_blocks: int, steps: int) -> dict[str, Any]:
+    """cache-dit options that fit a model of `num_blocks` main blocks and a run of `steps` steps: the given ones,
+    plus DBCache's defaults lowered where needed (front compute blocks below the block count less the back
+    compute blocks, at least 1; warm-up steps below the step count)."""
+    back = int(options.get("Bn_compute_blocks", 0))
+    fitted = {
+        "Fn_compute_blocks": max(1, min(CACHE_DIT_COMPUTE_BLOCKS, num_blocks - back - 1)),
+        "max_warmup_steps": max(0, min(CACHE_DIT_WARMUP_STEPS, steps - 1)),
+    }
+    return {**fitted, **options}

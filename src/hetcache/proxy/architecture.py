@@ -60,7 +60,12 @@ def build_proxy_pipeline(seed: int = 0) -> WanVACEPipeline:
     The text encoder and tokenizer are the tiny models' (random, frozen, seeded): the proxy ships them as they
     are built here, so a prompt's embedding is the same at training and at inference.
     """
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanVACEPipeline, WanVACETransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanVACEPipeline,
+        WanVACETransformer3DModel,
+    )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -325,7 +325,12 @@ def reconstruction_psnr(vae: torch.nn.Module, config: TrainConfig, clips: int = 
 def held_out_quality(pipe, config: TrainConfig) -> dict:
     """Mean PSNR inside the mask on held-out clips: the trained model (20 steps, no CFG) and the median fill."""
     from hetcache.pipeline import run_edit
-    from hetcache.proxy.quality import EDIT_PROMPT, held_out_clips, mask_psnr, median_fill
+    from hetcache.proxy.quality import (
+        EDIT_PROMPT,
+        held_out_clips,
+        mask_psnr,
+        median_fill,
+    )
 
     model, baseline = [], []
     for clip in held_out_clips(config.eval_clips, config.frames, config.height, config.width):

@@ -1,0 +1,137 @@
+"""Running methods like for like: shared inputs and initial latents, each method's config for the run's step
+count, one timed denoising run, and the same compilation for every method. `bench`, `eval` and `sweep` use it.
+
+Like for like means:
+- every run gets the same video, mask, prompt, seed and initial latents (`initial_latents`, drawn once on the
+  CPU and passed to the pipeline);
+- step-count dependent defaults are fitted to the run (`methods.method_config(..., steps=...)`);
+- with `compile`, the dense reference and every method are compiled the same way (`compile_blocks`: each main
+  and VACE block's stock forward goes through `torch.compile` once, before any method's hooks wrap it; the
+  HetCache engine also compiles its row-subset block maths, `HetCacheConfig(compile=True)`), and every method
+  runs once untimed before its timed run, so compilation is never timed and speedups compare compiled with
+  compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+import hetcache
+from hetcache import compat
+from hetcache.config import HetCacheConfig
+from hetcache.errors import UserError
+from hetcache.methods import check_method_name, check_options, method_config
+from hetcache.pipeline import default_flow_shift, run_edit
+
+REFERENCE = "full"
+WARMUP_STEPS = 1  # one untimed run of the plain pipeline pays for lazy initialisation (CUDA context, allocator)
+_COMPILED_FLAG = "_hetcache_compiled"
+COMPILED_VARIANTS = 64  # dynamo's recompile limit while blocks are compiled (its default is 8)
+
+
+def initial_latents(pipe: Any, num_frames: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """The pipeline's initial noise for this size, drawn once from `seed` on the CPU (identical on every device)."""
+    shape = (
+        1,
+        pipe.transformer.config.in_channels,
+        (num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
+        height // pipe.vae_scale_factor_spatial,
+        width // pipe.vae_scale_factor_spatial,
+    )
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return noise.to(compat.execution_device(pipe))
+
+
+def method_configs(
+    methods: Sequence[str | tuple[str, Any]],
+    *,
+    steps: int | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    compile: bool = False,
+) -> list[tuple[str, Any]]:
+    """(name, config) for every method: a given config as it is, else the method's config for `steps` steps
+    with the user's `options` (checked: unknown keys or bad values are a UserError). With `compile`, HetCache
+    engine configs compile their block maths. An option for a method not in `methods` is refused too."""
+    options = options or {}
+    pairs = [(m, None) if isinstance(m, str) else tuple(m) for m in methods]
+    for name, _ in pairs:
+        check_method_name(name)
+    unused = sorted(set(options) - {name for name, _ in pairs})
+    if unused:
+        raise UserError(f"--method-option for {unused[0]}, which is not among the methods run: add it or drop it")
+    configs = []
+    for name, given in pairs:
+        config = given
+        if config is None:
+            config = method_config(name, steps=steps, **check_options(name, options.get(name, {}), steps))
+        if compile and isinstance(config, HetCacheConfig):
+            config = dataclasses.replace(config, compile=True)
+        configs.append((name, config))
+    return configs
+
+
+def compile_blocks(pipe: Any) -> None:
+    """`torch.compile` every main and VACE block's forward of `pipe.transformer`, once (later calls do nothing).
+
+    The compiled forward replaces the block's `forward` before any method attaches, so the stock pipeline and
+    every method's hooks call the same compiled block (hooks wrap it and call it as the original forward)."""
+    transformer = pipe.transformer
+    if getattr(transformer, _COMPILED_FLAG, False):
+        return
+    # dynamo keeps a few variants of each compiled function before it falls back to eager: VACE block 0 (with
+    # proj_in) differs from the other VACE blocks, and hooks inside a block (PAB's attention hooks) are traced
+    # into it, one variant per broadcast pattern. Room for those, so that no block silently runs eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
+    for block in [*transformer.blocks, *transformer.vace_blocks]:
+        block.forward = torch.compile(block.forward)
+    setattr(transformer, _COMPILED_FLAG, True)
+
+
+def fit_scheduler(pipe: Any, height: int, width: int) -> None:
+    """Clips may differ in size: each gets the scheduler shift of its own size class (`default_flow_shift`)."""
+    shift = default_flow_shift(height, width)
+    if pipe.scheduler.config.get("flow_shift") != shift:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=shift)
+
+
+@dataclass
+class MethodRun:
+    """One timed run of a method: raw frames, denoising-loop seconds, the method's stats, peak CUDA memory."""
+
+    frames: np.ndarray
+    denoise_s: float
+    stats: hetcache.CacheStats
+    peak_memory_bytes: int | None
+
+
+def run_method(pipe: Any, config: Any, video: np.ndarray, mask: np.ndarray, prompt: str, steps: int,
+               common: dict[str, Any], *, untimed_first: bool = False) -> MethodRun:
+    """Run `config` (through `hetcache.enable`) for `steps` steps; `common` holds run_edit's other arguments
+    (latents, seed, guidance, ...). A config with `prepare` (MagCache's calibration, cache-dit's fitting) gets it
+    first, untimed. `untimed_first` runs the method once before the timed run (compilation)."""
+    if hasattr(config, "prepare"):
+        config.prepare(pipe.transformer, steps, lambda: run_edit(pipe, video, mask, prompt, steps=steps, **common))
+    hetcache.enable(pipe, config)
+    try:
+        if untimed_first:
+            run_edit(pipe, video, mask, prompt, steps=steps, **common)
+        cuda = compat.execution_device(pipe).type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(compat.execution_device(pipe))
+        result = run_edit(pipe, video, mask, prompt, steps=steps, **common)
+        peak = torch.cuda.max_memory_allocated(compat.execution_device(pipe)) if cuda else None
+        stats = hetcache.stats(pipe)
+    finally:
+        hetcache.disable(pipe)
+    return MethodRun(result.frames, result.timings["denoise"], stats, peak)
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line for a method that failed: `failed: Type: message`."""
+    return f"failed: {type(error).__name__}: {' '.join(str(error).split())}"
