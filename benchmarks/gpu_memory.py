@@ -163,6 +163,11 @@ def part_14b(device, dtype, grid) -> dict:
     return out
 
 
+def save(path: str | None, report: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks that it runs)")
@@ -178,11 +183,11 @@ def main() -> None:
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     if "1.3b" not in skip:
         report["wan_1_3b"] = part_1_3b(device, dtype, grid, 6 if args.smoke else 50)
+        save(args.out, report)  # what a later part's failure would otherwise lose
     if "14b" not in skip:
         report["wan_14b"] = part_14b(device, dtype, grid)
     report["targets"] = targets(report)
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    save(args.out, report)
     print_table(report)
 
 

@@ -86,3 +86,17 @@ def test_gpu_memory_smoke_reports_every_run_and_target(tmp_path):
     assert any("cache on the host" in note for note in report["wan_1_3b"]["all_on_host_capped_24gib"]["notes"])
     assert {row["target"].split(" ")[0] for row in report["targets"]} == {"1.3B", "float8", "14B"}
     assert report["wan_14b"]["gpu_tier"]["plan"] == "FFPRPF"
+
+
+def test_gpu_models_smoke_reports_both_models(tmp_path):
+    out = tmp_path / "models.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_models.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    big, two = report["wan_14b"], report["two_experts"]
+    assert big["plan"] == "FFPRPF" and set(big["seconds_by_kind"]) == {"F", "P", "R"}
+    assert big["graph_check"]["max_abs_diff"] == 0.0  # on the CPU no graph is captured: eager both times
+    switch = two["switch"]
+    assert 0 < switch < len(two["plan"]) and two["plan"][switch] == "F"
+    assert [e["plan"] for e in two["experts"]] == [two["plan"][:switch], two["plan"][switch:]]
