@@ -589,6 +589,52 @@ def sweep(
                device=device, dtype=dtype, compile=compile, lpips_weights=lpips_weights, limit=limit)
 
 
+@app.command()
+def calibrate(
+    source: Annotated[
+        Path | None,
+        typer.Argument(help="A video (with --mask or --box and --prompt) or a dataset folder (see --layout); "
+                       "default: the demo's generated clip and ../shared/data/driving.mp4 when it is there."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for front.json/.csv/.md/.png, chosen.json and search/ "
+                                      "(resumable).")] = Path("calibration"),
+    target: Annotated[str, typer.Option(help="What to choose for: flops=SHARE (best fidelity within it), "
+                                        "speedup=TIMES or psnr=DB (fewest FLOPs above it).")] = "flops=0.3",
+    search: Annotated[str, typer.Option(help="How many configurations: quick, standard or wide.")] = "standard",
+    mask: MaskOpt = None,
+    box: BoxOpt = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", "-p", help="What the masked region should show; for a dataset, the prompt of "
+                     "items without one."),
+    ] = None,
+    layout: Annotated[str, typer.Option(help="Dataset layout: folder, vace-benchmark or vpbench.")] = "folder",
+    negative_prompt: NegativeOpt = "",
+    model: ModelOpt = DEFAULT_MODEL,
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps; default 50, or 20 for the proxy.")] = None,
+    frames: FramesOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every run of a clip).")] = 0,
+    guidance: ModelGuidanceOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    limit: Annotated[int | None, typer.Option(help="Use only the first N items of a dataset.")] = None,
+) -> None:
+    """Find the HetCache configuration that suits your model: run full once per clip, search plans (solver steps,
+    plan family, forecast, PARTIAL share), write the Pareto front and the configuration chosen for --target."""
+    from hetcache.calibrate import Target, calibrate_main, search_points
+
+    Target.parse(target)
+    search_points(search)
+    if prompt is not None:
+        check_prompt(prompt)
+    calibrate_main(source, mask, box, prompt, out=out, target=target, model=model, search=search, layout=layout,
+                   steps=default_steps(model) if steps is None else steps, frames=frames, height=height, width=width,
+                   seed=seed, guidance=_guidance(model, guidance), negative_prompt=negative_prompt, device=device,
+                   dtype=dtype, limit=limit)
+
+
 @app.command("eval")
 def evaluate(
     dataset: Annotated[Path, typer.Option(help="Dataset folder (docs/EVAL.md describes each layout).")],
