@@ -212,7 +212,7 @@ def _record(name: str, method: str, config: Any, steps: int, done: Any, referenc
     scores = fidelity(done.frames, reference, mask, band_px=band_px, lpips=lpips)
     return {
         "name": name,
-        "steps": steps,
+        "steps": len(stats.plan) or steps,  # the solver steps that ran (HetCache may run fewer than asked)
         "plan": stats.plan,
         "denoise_s": denoise,
         "speedup": reference_time / denoise if denoise > 0 else None,

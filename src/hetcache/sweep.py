@@ -372,7 +372,8 @@ def _record(key: dict[str, Any], state: _Clip, point: Point, config: Any, steps:
     scores = fidelity(done.frames, state.reference, state.clip.mask, band_px=settings.band_px, lpips=lpips)
     return {
         "schema": RUN_SCHEMA, "key": key, "clip": state.clip.id, "method": point.method, "label": point.label,
-        "options": point.option_dict(), "steps": steps, "plan": stats.plan, "denoise_s": done.denoise_s,
+        "options": point.option_dict(), "steps": len(stats.plan) or steps, "plan": stats.plan,
+        "denoise_s": done.denoise_s,
         "speedup": reference_time / done.denoise_s if done.denoise_s > 0 else None,
         "flops": stats.flops if observed else None,
         "flops_ratio": stats.flops / reference_flops if observed and reference_flops else None,
