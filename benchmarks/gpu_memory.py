@@ -91,7 +91,7 @@ def video(model, inputs: dict, timesteps: list[float], device: torch.device) -> 
 def cap(device: torch.device, gib: float | None) -> None:
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else min(1.0, gib * GIB / total), device)
+        torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else min(1.0, gib * GIB / total))
         torch.cuda.empty_cache()
 
 
@@ -119,7 +119,7 @@ def stock(model, inputs, timesteps, device) -> dict:
     return {"seconds": sum(seconds), "step_seconds": seconds, "peak_bytes": peak}
 
 
-def part_1_3b(device, dtype, grid, steps: int) -> dict:
+def part_1_3b(device, dtype, grid, steps: int, keep=lambda out: None) -> dict:
     model = build(WAN_1_3B if device.type == "cuda" else TINY, device, dtype)
     inputs = inputs_for(model.config, grid, device, dtype)
     coverage = box_coverage(grid, 0.25)
@@ -131,6 +131,7 @@ def part_1_3b(device, dtype, grid, steps: int) -> dict:
     for name, (gib, options) in runs.items():
         cap(device, gib)
         out[name] = measured(model, hetcache.HetCacheConfig.fast(**options), coverage, inputs, timesteps, device)
+        keep(out)
     cap(device, None)
     out["float8"] = float8_check(model, inputs, coverage, device)
     return out
@@ -182,7 +183,8 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "grid": grid,
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     if "1.3b" not in skip:
-        report["wan_1_3b"] = part_1_3b(device, dtype, grid, 6 if args.smoke else 50)
+        report["wan_1_3b"] = part_1_3b(device, dtype, grid, 6 if args.smoke else 50,
+                                       keep=lambda out: save(args.out, {**report, "wan_1_3b": out}))
         save(args.out, report)  # what a later part's failure would otherwise lose
     if "14b" not in skip:
         report["wan_14b"] = part_14b(device, dtype, grid)

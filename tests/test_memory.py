@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from tiny_models import demo_clip
 import hetcache
 from hetcache.config import HetCacheConfig
 from hetcache.errors import UserError
-from hetcache.memory import estimate_memory, fit
+from hetcache.memory import FIT_MARGIN, estimate_memory, fit
 from hetcache.pipeline import build_tiny_random_pipeline
 
 GIB = 2**30
@@ -64,6 +66,10 @@ def test_fit_chooses_the_tier_and_names_the_ways_out():
     assert fit(estimate, cuda, "auto", device_free=need, host_free=0)[0] == "device"
     assert fit(estimate, cuda, "auto", device_free=0, host_free=need)[0] == "host"
     assert fit(estimate, cuda, "cpu", device_free=need, host_free=need)[0] == "host"
+    cache_only = math.ceil(estimate.total * (1 + FIT_MARGIN))  # the cache fits, the forward's own peak does not
+    assert estimate.activation_bytes > 0
+    assert fit(estimate, cuda, "auto", device_free=cache_only, host_free=need)[0] == "host"
+    assert fit(estimate, cuda, "auto", device_free=cache_only + estimate.activation_bytes, host_free=0)[0] == "device"
     with pytest.raises(UserError, match="--cache-device cpu"):
         fit(estimate, cuda, "cuda", device_free=0, host_free=need)
     with pytest.raises(UserError, match="neither.*float8"):

@@ -37,6 +37,7 @@ class MemoryEstimate:
     times_bytes: int  # forecast sample times
     tokens: int
     layers: int
+    activation_bytes: int = 0  # what a FULL forward holds at its peak besides weights and caches (not a cache)
 
     @property
     def total(self) -> int:
@@ -84,7 +85,16 @@ def cache_bytes(shape: flops.ModelShape, num_tokens: int, config: HetCacheConfig
         times_bytes=slots * n * 8 * branches if slots > 1 else 0,
         tokens=n,
         layers=layers,
+        activation_bytes=activation_bytes(shape, n, compute),
     )
+
+
+def activation_bytes(shape: flops.ModelShape, num_tokens: int, element_size: int) -> int:
+    """About what a FULL forward holds at its peak besides weights and caches: the VACE hints (one [N, dim] per
+    VACE layer, kept until the main block that adds them), a few [N, dim] tensors of the current block (hidden
+    states, its float32 norms, Q, K, V, attention output) and the FFN's two [N, ffn] tensors."""
+    per_row = (shape.num_vace_layers + 4) * shape.dim * element_size + 4 * shape.dim * 4
+    return num_tokens * (per_row + 2 * shape.ffn_dim * element_size)
 
 
 def host_available_bytes() -> int:
@@ -110,7 +120,8 @@ def device_available_bytes(device: torch.device) -> int:
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     available = free + torch.cuda.memory_reserved(device) - allocated
-    fraction = torch.cuda.get_per_process_memory_fraction(device)  # a cap the process set on itself
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fraction = torch.cuda.get_per_process_memory_fraction(index)  # a cap the process set on itself
     return max(0, min(available, int(fraction * total) - allocated))
 
 
@@ -125,7 +136,7 @@ def fit(estimate: MemoryEstimate, device: torch.device, cache_device: str, *, de
     device_free = device_available_bytes(device) if device_free is None else device_free
     host_free = host_available_bytes() if host_free is None else host_free
     need = math.ceil(estimate.total * (1 + FIT_MARGIN))
-    fits_device = need <= device_free
+    fits_device = need + estimate.activation_bytes <= device_free  # the forward's own peak shares the device
     fits_host = need <= host_free
     where = f"{estimate.describe()}; free: {device_free / _GIB:.1f} GiB on {device}"
     if on_gpu:
