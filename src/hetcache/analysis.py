@@ -31,7 +31,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 import hetcache
-from hetcache import compat, plan, select, tokens
+from hetcache import compat, files, plan, select, tokens
 from hetcache import video as vio
 from hetcache.config import HetCacheConfig
 from hetcache.core import call_argument
@@ -312,7 +312,7 @@ def write_heatmaps(path: Path, analysis: dict[str, Any]) -> None:
     fig.suptitle(f"Last-block attention of the generative tokens of latent frame {analysis['query_frame']} "
                  f"({analysis['branch']} branch)\ncyan: generative tokens; red: steps TeaCache would skip",
                  fontsize=9)
-    fig.savefig(path, bbox_inches="tight")
+    files.save_figure(fig, path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -357,7 +357,7 @@ def write_mass_plot(path: Path, analysis: dict[str, Any]) -> None:
     bottom.set_xlabel("denoising step (letters on top: HetCache's plan; step 0 always computes)")
     bottom.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path)
+    files.save_figure(fig, path)
     plt.close(fig)
 
 
@@ -426,7 +426,7 @@ def analyze_main(
                      guidance=guidance, negative_prompt=negative_prompt)
     result["settings"] = _settings(video, mask, box, prompt, model, steps, prepared, seed, guidance, pipe, config)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "analysis.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    files.write_text(out / "analysis.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
     write_heatmaps(out / "analysis.png", result)
     write_mass_plot(out / "mass_by_class.png", result)
     signal = result["plan"]

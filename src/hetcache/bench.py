@@ -332,12 +332,6 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_figure(fig: Any, path: Path) -> None:
-    """Save a matplotlib figure as PNG, atomically."""
-    with files.atomic_path(path) as temp:
-        fig.savefig(temp, format="png")
-
-
 def _write_pareto(path: Path, records: list[dict[str, Any]]) -> list[str]:
     """Speedup against PSNR in the mask, one labelled point per record; returns the labels drawn."""
     import matplotlib
@@ -365,7 +359,7 @@ def _write_pareto(path: Path, records: list[dict[str, Any]]) -> list[str]:
     ax.set_title("hetcache bench (stars: identical to full; hollow red: flagged rows)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    save_figure(fig, path)
+    files.save_figure(fig, path)
     plt.close(fig)
     return labels
 

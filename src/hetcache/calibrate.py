@@ -29,7 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from hetcache import files
-from hetcache.bench import csv_table, save_figure
+from hetcache.bench import csv_table
 from hetcache.config import HetCacheConfig
 from hetcache.errors import UserError
 from hetcache.sweep import Point, SweepClip, SweepSettings, point_config, run_sweep
@@ -210,7 +210,7 @@ def write_front_plot(path: Path, rows: Sequence[dict[str, Any]], front: Sequence
     axis.set_ylabel("PSNR in the mask vs full (dB, per-frame mean)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")
-    save_figure(fig, path)
+    files.save_figure(fig, path)
     plt.close(fig)
 
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import hetcache
 from hetcache import files
-from hetcache.bench import csv_table, flag_notes, save_figure
+from hetcache.bench import csv_table, flag_notes
 from hetcache.errors import UserError
 from hetcache.methods import (
     check_method_name,
@@ -581,7 +581,7 @@ def write_pareto(path: Path, results: dict[str, Any]) -> list[str]:
         fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(5, len(handles)), fontsize=8,
                    frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    save_figure(fig, path)
+    files.save_figure(fig, path)
     plt.close(fig)
     return labels
 
