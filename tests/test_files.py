@@ -21,10 +21,10 @@ def parts(folder: Path) -> list[str]:
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_part(tmp_path):
     target = tmp_path / "results.json"
     files.write_text(target, '{"old": true}\n')
-    with pytest.raises(UserError, match=r"^cannot write .*results.json: disk full: ") as caught:
-        with files.atomic_path(target) as temp:
-            temp.write_bytes(b'{"new": ')  # the first 4 KiB went out, then the disk filled up
-            raise OSError(errno.ENOSPC, "No space left on device")
+    with (pytest.raises(UserError, match=r"^cannot write .*results.json: disk full: ") as caught,
+          files.atomic_path(target) as temp):
+        temp.write_bytes(b'{"new": ')  # the first 4 KiB went out, then the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
     assert "\n" not in str(caught.value)
     assert target.read_text() == '{"old": true}\n'
     assert parts(tmp_path) == []
