@@ -204,17 +204,27 @@ def test_bad_input_exits_2_with_one_line(case, clip_files, tmp_path):
 
 
 USAGE_ERRORS = [
-    ["edit"],
-    ["edit", "v.mp4", "-o", "o.mp4"],
-    ["edit", "v.mp4", "-p", "x", "-o", "o.mp4", "--steps", "0"],
-    ["edit", "v.mp4", "-p", "x", "-o", "o.mp4", "--seed", "abc"],
-    ["nope"],
+    (["edit"], "error: Missing argument 'video': see "),
+    (["edit", "v.mp4", "-o", "o.mp4"], "error: Missing option '--prompt' / '-p': see "),
+    (["edit", "v.mp4", "-p", "x", "-o", "o.mp4", "--steps", "0"], "Invalid value for '--steps'"),
+    (["edit", "v.mp4", "-p", "x", "-o", "o.mp4", "--seed", "abc"], "Invalid value for '--seed'"),
+    (["edit", "v.mp4", "-p", "x", "-o", "o.mp4", "--seed", str(2**64)], "less than or equal to 18446744073709551615"),
+    (["bench", "v.mp4", "-p", "x", "--out", "o", "--seed", "-1"], "Invalid value for '--seed'"),
+    (["edit", "v.mp4", "--bogus"], "No such option: --bogus"),
+    (["nope"], "error: No such command 'nope': see "),
 ]
 
 
-@pytest.mark.parametrize("args", USAGE_ERRORS)
-def test_usage_errors_exit_2(args):
-    assert runner.invoke(app, args).exit_code == 2
+@pytest.mark.parametrize(("args", "expected"), USAGE_ERRORS)
+def test_usage_errors_exit_2_with_one_line(args, expected):
+    result = runner.invoke(app, args)
+    assert_user_error(result, expected)
+    assert result.stderr.rstrip().endswith("--help")
+
+
+def test_hetcache_alone_prints_the_help():
+    result = runner.invoke(app, [])
+    assert result.exit_code == 0 and "Usage: " in result.stdout and "edit" in result.stdout
 
 
 def test_demo_out_that_is_a_file_is_a_user_error(tmp_path):

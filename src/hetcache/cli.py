@@ -69,30 +69,61 @@ METHODS_HELP = (
 )
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 class _Group(typer.core.TyperGroup):
-    """Turns a UserError from any command into one stderr line and exit code 2 (also under CliRunner)."""
+    """Turns a UserError from any command, and click's usage errors (a missing option, a value out of range),
+    into one `error:` line on stderr and exit code 2 (also under CliRunner)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except UserError as error:
-            message = " ".join(str(error).split())
-            typer.echo(f"error: {message}", err=True)
+            typer.echo(f"error: {_one_line(error)}", err=True)
             ctx.exit(USER_ERROR_EXIT)
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.exceptions.TyperException as error:  # typer's click errors: usage, bad values
+            context = getattr(error, "ctx", None)
+            hint = f": see {context.command_path} --help" if context is not None else ""
+            typer.echo(f"error: {_one_line(error.format_message()).rstrip('.')}{hint}", err=True)
+            code = error.exit_code
+        except typer.Abort:
+            typer.echo("error: interrupted", err=True)
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(
     cls=_Group,
     add_completion=False,
-    no_args_is_help=True,
+    invoke_without_command=True,
     pretty_exceptions_enable=False,
     help="Fast masked video editing with Wan2.1-VACE.",
 )
 
 
+@app.callback()
+def _root(ctx: typer.Context) -> None:
+    """`hetcache` alone prints the help (as text: click's no-args error would be a usage error)."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
+
 # Options shared by several commands.
 ModelOpt = Annotated[
     str, typer.Option(help=f"Hub id, local pipeline folder, {PROXY} (small trained model, CPU) or {TINY_RANDOM}.")
+]
+SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes
+SeedOpt = Annotated[
+    int, typer.Option(min=0, max=SEED_MAX, help="Noise seed, 0 to 2^64-1 (every method and run of a clip starts "
+                      "from the same initial latents).")
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
@@ -338,7 +369,7 @@ def edit(
     stride: Annotated[int, typer.Option(min=1, help="Take every stride-th source frame.")] = 1,
     height: HeightOpt = None,
     width: WidthOpt = None,
-    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    seed: SeedOpt = 0,
     guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -404,12 +435,14 @@ def demo(
     model: ModelOpt = PROXY,
     prompt: PromptOpt = DEMO_PROMPT,
     steps: StepsOpt = 20,
-    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    seed: SeedOpt = 0,
     guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEMO_METHOD,
-    scene: Annotated[int, typer.Option(help="Which generated scene to edit (a seed).")] = DEMO_SCENE,
+    scene: Annotated[
+        int, typer.Option(min=0, max=SEED_MAX, help="Which generated scene to edit (a seed).")
+    ] = DEMO_SCENE,
 ) -> None:
     """Remove a moving red ball from a scene made in code, with the small trained proxy model (under a minute
     on a laptop CPU)."""
@@ -457,7 +490,7 @@ def bench(
     frames: FramesOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
-    seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every method).")] = 0,
+    seed: SeedOpt = 0,
     guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -560,7 +593,7 @@ def sweep(
     frames: FramesOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
-    seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every run of a clip).")] = 0,
+    seed: SeedOpt = 0,
     guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -646,7 +679,7 @@ def evaluate(
     frames: Annotated[int | None, typer.Option(help="Frames per item (4k+1); default as many as fit, up to 81.")] = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
-    seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every method).")] = 0,
+    seed: SeedOpt = 0,
     guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -681,7 +714,7 @@ def analyze(
     frames: FramesOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
-    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    seed: SeedOpt = 0,
     guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
