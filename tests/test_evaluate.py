@@ -350,3 +350,54 @@ def test_method_options_are_part_of_the_settings_and_rerun_items(tmp_path):
     assert teacache["flops_ratio"] < 1  # the new options ran: the default warm-up would have computed every step
     with pytest.raises(UserError, match="unknown option 'dleta' for teacache"):
         run(root, "folder", tmp_path / "out", methods="full,teacache", method_options={"teacache": {"dleta": 1}})
+
+
+def test_resume_redoes_items_whose_files_prompt_or_dataset_changed_and_says_so(tmp_path, capsys):
+    root = make_folder(tmp_path / "d")
+    out = tmp_path / "out"
+    ran = []
+    original = evaluate.evaluate_item
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "evaluate_item", lambda *a, **k: ran.append(a[1].id) or original(*a, **k))
+        run(root, "folder", out, methods="full")
+        assert ran == ["clip0", "clip1", "clip2"]
+        (root / "clip1" / "prompt.txt").write_text("a green car\n")
+        write_clip(root / "clip2" / "video.mp4", clip(0)[0])  # another video under the same name
+        capsys.readouterr()
+        run(root, "folder", out, methods="full")
+        assert ran[3:] == ["clip1", "clip2"]
+        err = capsys.readouterr().err
+        assert "clip0: done earlier, skipped" in err
+        for name in ("clip1", "clip2"):
+            assert f"{name}: its files or prompt changed since its stored result: running it again" in err
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "clip0").symlink_to(root / "clip0", target_is_directory=True)  # the same files, another dataset
+        run(other, "folder", out, methods="full")
+        assert ran[5:] == ["clip0"]
+        assert "clip0: its stored result is from another dataset" in capsys.readouterr().err
+
+
+def test_a_prompt_file_that_is_not_utf8_fails_its_item_only(tmp_path):
+    root = make_folder(tmp_path / "d")
+    (root / "clip1" / "prompt.txt").write_bytes("une voiture caf\u00e9".encode("latin-1"))
+    problems = {i.id: i.problem for i in scan_dataset(root, "folder").items}
+    assert problems == {"clip0": None, "clip1": "prompt.txt is not UTF-8 text (byte 15): save it as UTF-8",
+                        "clip2": None}
+
+
+@pytest.mark.parametrize("layout", ["vpbench", "vace-benchmark"])
+def test_a_dataset_index_that_is_not_utf8_is_one_user_error(tmp_path, layout):
+    root = MAKERS[layout](tmp_path / "d")
+    index = root / ("our_video_edit.csv" if layout == "vpbench" else "metadata.jsonl")
+    index.write_bytes(index.read_bytes() + "caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"^.*(our_video_edit.csv|metadata.jsonl) is not UTF-8 text \(byte \d+\): "):
+        scan_dataset(root, layout)
+
+
+def test_an_item_whose_mask_is_empty_fails_with_a_clear_reason(tmp_path):
+    root = make_folder(tmp_path / "d")
+    write_mask_video(root / "clip1" / "mask.mp4", np.zeros((FRAMES, SIZE, SIZE), dtype=bool), 8.0, lossless=True)
+    summary = run(root, "folder", tmp_path / "out", methods="full")
+    assert summary["failed"] == [{"item": "clip1", "reason": "the mask is empty: nothing to evaluate: pass a mask "
+                                                             "(or --box) over the region to edit"}]

@@ -239,3 +239,51 @@ def test_the_proxy_has_its_own_defaults_and_other_models_wans():
     assert (default_steps(PROXY), default_guidance(PROXY), native_limits(PROXY)) == (20, 1.0, (256 * 256, 17))
     assert (default_steps(TINY_RANDOM), default_guidance(TINY_RANDOM), native_limits(TINY_RANDOM)) == (
         50, 5.0, (480 * 832, 81))
+
+
+def test_a_folder_whose_config_has_a_wrong_type_is_a_user_error(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "tiny")
+    config = tmp_path / "tiny" / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_layers": "three"}))
+    with pytest.raises(UserError, match=r"could not load the pipeline in .*TypeError: .*check the values in its"):
+        load_pipeline(str(tmp_path / "tiny"), "cpu")
+
+
+@pytest.mark.parametrize("guidance", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_guidance_is_refused_before_anything_runs(tiny_pipe, inputs, guidance, monkeypatch):
+    monkeypatch.setattr(type(tiny_pipe), "__call__", lambda *a, **k: pytest.fail("the pipeline ran"))
+    with pytest.raises(UserError, match="is not a finite number"):
+        edit(tiny_pipe, inputs, guidance=guidance)
+
+
+def test_a_model_that_overflows_stops_with_a_user_error_at_the_first_bad_step(inputs):
+    pipe = build_tiny_random_pipeline()
+    with torch.no_grad():
+        pipe.transformer.proj_out.bias.fill_(float("inf"))  # every prediction inf: the latents become NaN
+    steps = []
+    with pytest.raises(UserError, match=r"^the latents after step 1 of 2 hold NaN or inf .* use bf16 or fp32"):
+        edit(pipe, inputs, progress=lambda done, total: steps.append(done))
+    assert steps == []  # stopped at the first step's end, before the progress callback
+
+
+def test_decoded_frames_that_are_not_finite_are_refused(tiny_pipe, inputs, monkeypatch):
+    decode = tiny_pipe.vae.decode
+
+    def overflowing(*args, **kwargs):
+        out = decode(*args, **kwargs)  # (frames,) with return_dict=False
+        out[0][:, :, 0, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(tiny_pipe.vae, "decode", overflowing)
+    with pytest.raises(UserError, match="^the decoded frames hold NaN or inf values"):
+        edit(tiny_pipe, inputs)
+
+
+def test_guidance_2_needs_two_experts(tiny_pipe, inputs):
+    with pytest.raises(UserError, match="--guidance-2 is the second expert's guidance"):
+        edit(tiny_pipe, inputs, guidance_2=3.0)
+
+
+def test_size_limits_are_the_models():
+    assert pipeline.largest_area("proxy") == 512 * 512 and pipeline.largest_area("tiny-random") == 1920 * 1088
+    assert pipeline.native_size("proxy") == (17, 256, 256) and pipeline.native_size("x/y") == (81, 480, 832)

@@ -419,3 +419,75 @@ def test_overlay_and_side_by_side():
     np.testing.assert_array_equal(panel[:, :, :32], video)
     np.testing.assert_array_equal(panel[:, :, 32:64], mask_overlay(video, mask))
     np.testing.assert_array_equal(panel[:, :, 64:], output)
+
+
+# ------------------------------------------------------------------------------------------------ damaged files
+def faststart_video(path: Path, frames: np.ndarray) -> Path:
+    """An MP4 with its index at the front (as web uploads are), which a cut-off copy keeps."""
+    with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_a_truncated_video_is_named_truncated_not_short(tmp_path):
+    whole = faststart_video(tmp_path / "whole.mp4", random_frames(41, 32, 48))
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert read_frames(whole).frames.shape[0] == 41
+    for frames in (None, 33):
+        with pytest.raises(UserError, match=r"video .*cut.mp4 is truncated: its index lists 41 frames but the file "
+                                            r"holds data for \d+ \(\d+ decoded\): copy or download it again"):
+            prepare_inputs(cut, box="0,0,8,8", frames=frames)
+    assert prepare_inputs(cut, box="0,0,8,8", frames=5).video.shape[0] == 5  # the intact start is usable
+
+
+# ------------------------------------------------------------------------------------------------ containers
+@pytest.mark.parametrize(("suffix", "format_name"), [(".mp4", "mp4"), (".mov", "mov"), (".MKV", "matroska")])
+def test_the_suffix_names_the_container(tmp_path, suffix, format_name):
+    frames = random_frames(3, 16, 32)
+    path = write_video(tmp_path / f"out{suffix}", frames, 8.0, lossless=True)
+    with av.open(str(path)) as container:
+        assert format_name in container.format.name.split(",")
+    np.testing.assert_array_equal(read_frames(path).frames, frames)
+
+
+@pytest.mark.parametrize(("name", "message"), [("out.avi", "ends in '.avi'"), ("out", "has no extension")])
+def test_other_suffixes_are_refused_and_nothing_is_written(tmp_path, name, message):
+    with pytest.raises(UserError, match=f"{message}: name it .mp4"):
+        write_video(tmp_path / name, random_frames(1, 16, 16), 8.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sources_are_described_at_the_rate_they_are_used(tmp_path):
+    Image.fromarray(random_frames(1, 20, 30)[0]).save(tmp_path / "still.png")
+    (tmp_path / "frames").mkdir()
+    for i in range(3):
+        Image.fromarray(random_frames(1, 20, 30)[0]).save(tmp_path / "frames" / f"{i}.png")
+    assert V.describe_source(tmp_path / "still.png").endswith("(30x20 image, one frame at 16 fps)")
+    assert read_frames(tmp_path / "still.png").fps == 16.0
+    assert V.describe_source(tmp_path / "frames").endswith("(30x20, 3 images at 16 fps)")
+    video = write_video(tmp_path / "v.mp4", random_frames(3, 16, 32), 12.0)
+    assert V.describe_source(video) == f"{video} (32x16, 3 frames, 12 fps)"
+    assert not V.has_audio(video) and not V.has_audio(tmp_path / "still.png")
+
+
+@pytest.mark.skipif(not DRIVING.exists(), reason="needs the shared driving clip")
+def test_the_driving_clip_has_audio():
+    assert V.has_audio(DRIVING) and not V.has_audio(DRIVING_MASK)
+
+
+def test_sizes_above_the_models_limit_are_refused_before_resizing(tmp_path, monkeypatch):
+    video = write_video(tmp_path / "v.mp4", random_frames(1, 16, 32), 8.0)
+    monkeypatch.setattr(V, "fit_frames", lambda *a, **k: pytest.fail("resized"))
+    with pytest.raises(UserError, match=r"32000x16000 is 512,000,000 pixels per frame, more than the 100 "):
+        prepare_inputs(video, box="0,0,8,8", height=16000, max_area=100)
+
+
+def test_an_empty_mask_is_refused_where_there_is_nothing_to_compare():
+    V.check_mask_covers(np.ones((1, 2, 2), dtype=bool), "compare")
+    with pytest.raises(UserError, match="^the mask is empty: nothing to compare: pass a mask"):
+        V.check_mask_covers(np.zeros((1, 2, 2), dtype=bool), "compare")

@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -416,8 +417,11 @@ def analyze_main(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     prepared = prepare_for_model(model, video, mask, box, frames, height, width)
-    if not prepared.mask.any():
-        raise UserError("the mask is empty: nothing to analyse (pass a mask with the region to edit)")
+    vio.check_mask_covers(prepared.mask, "analyse")
+    files.check_output_folder(out, OUTPUT_FILES, {"input video": video, "mask": mask})
+    note = files.removed_note(files.remove_stale(out), out)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     num_frames, height, width = prepared.mask.shape

@@ -72,6 +72,7 @@ from hetcache.runner import (
     initial_latents,
     method_configs,
     run_method,
+    timing_note,
 )
 
 SCHEMA = "hetcache-bench/1"
@@ -167,6 +168,8 @@ def run_bench(
         record = _record(name, method, config, run_steps, done, outputs[REFERENCE], records, mask, band_px, lpips)
         records.append(record)
         say(_progress_line(record))
+        if timing_note(record["speedup"], record["flops_ratio"]):
+            say(f"warning: {name}: {record['notes'][-1]}")
 
     for name, config in configs:
         run(name, name, config)
@@ -210,21 +213,24 @@ def _record(name: str, method: str, config: Any, steps: int, done: Any, referenc
     reference_flops = previous[0]["flops"] if previous else (stats.flops if stats.dense_flops else None)
     observed = stats.dense_flops > 0
     scores = fidelity(done.frames, reference, mask, band_px=band_px, lpips=lpips)
+    speedup = reference_time / denoise if denoise > 0 else None
+    flops_ratio = stats.flops / reference_flops if observed and reference_flops else None
+    caveat = timing_note(speedup, flops_ratio)
     return {
         "name": name,
         "steps": len(stats.plan) or steps,  # the solver steps that ran (HetCache may run fewer than asked)
         "plan": stats.plan,
         "denoise_s": denoise,
-        "speedup": reference_time / denoise if denoise > 0 else None,
+        "speedup": speedup,
         "flops": stats.flops if observed else None,
-        "flops_ratio": stats.flops / reference_flops if observed and reference_flops else None,
+        "flops_ratio": flops_ratio,
         "peak_memory_bytes": done.peak_memory_bytes,
         "cache_bytes": stats.cache_bytes,
         **{key: _finite(value) for key, value in scores.items()},
         "identical": bool(np.array_equal(done.frames, reference)),
         "flag": method_flag(method),
         "config": config.to_dict(),
-        "notes": list(stats.notes),
+        "notes": list(stats.notes) + ([caveat] if caveat else []),
     }
 
 
@@ -321,6 +327,9 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += ["", "Plan letters: F computed, P partly reused, R reused (first CFG branch); FLOPs: analytic, "
               "relative to `full` (both CFG branches); `=`: identical to `full`; `fewer-steps@S`: fewer-steps at the "
               "FLOPs share S a HetCache row reached."]
+    if s["device"].startswith("cpu"):
+        lines += ["", "Timings on a CPU swing several-fold when other work shares the machine: speedups here are "
+                  "noisy (a row whose speedup exceeds its analytic bound carries a note)."]
     flags = flag_notes([(r["name"], r["flag"]) for r in results["methods"]])
     if flags:
         lines += ["", "Flags:", ""] + flags
@@ -475,17 +484,22 @@ def bench_main(
     *,
     method_options: dict[str, dict[str, Any]] | None = None,
     compile: bool = False,
+    sources: dict[str, Path | str | None] | None = None,
 ) -> None:
     """`hetcache bench` once its inputs are prepared (`hetcache.cli` does that before importing this module, so
-    input errors come at once): load the model, run every method, write and print the results."""
+    input errors come at once): check the output folder (`sources`, {role: path}, are the input files no result
+    may replace), load the model, run every method, write and print the results. An empty mask is refused."""
     check_prompt(prompt)
     names = parse_methods(methods)
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
     method_configs(names, steps=steps, options=method_options)  # option errors before the model loads
+    vio.check_mask_covers(prepared.mask, "compare")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a folder")
+    files.check_output_folder(out, RESULT_FILES, sources)
+    note = files.removed_note(files.remove_stale(out), out)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     num_frames, height, width = prepared.mask.shape

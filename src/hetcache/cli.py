@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import av
 import click
 import numpy as np
 import typer
 from tqdm import tqdm
 
 import hetcache
+from hetcache import files
 from hetcache import video as vio
 from hetcache.errors import UserError
 from hetcache.options import parse_grids, parse_method_options
@@ -34,6 +34,7 @@ from hetcache.pipeline import (
     PROXY,
     TINY_RANDOM,
     EditResult,
+    check_guidance,
     check_prompt,
     default_guidance,
     default_steps,
@@ -193,8 +194,11 @@ class EditRequest:
 
 
 def _guidance(model: str, given: float | None) -> float:
-    """The guidance scale asked for, or the model's default (`default_guidance`) when none was."""
-    return default_guidance(model) if given is None else given
+    """The guidance scale asked for (a finite number), or the model's default (`default_guidance`) when none was."""
+    if given is None:
+        return default_guidance(model)
+    check_guidance(given)
+    return given
 
 
 def check_method(name: str) -> str:
@@ -231,20 +235,35 @@ def step_bar(description: str, total: int) -> Iterator[Callable[[int, int], None
 
 
 def run_request(request: EditRequest) -> None:
-    """Prepare inputs, load the model, enable the method's cache, edit, write the outputs and print the summary."""
+    """Check every input and the output paths, prepare the inputs, load the model, enable the method's cache, edit,
+    write the outputs and print the summary. An empty mask writes the input through without loading the model."""
     check_prompt(request.prompt)
     check_method(request.method)
+    check_guidance(request.guidance)
     outputs = [request.output] + ([request.side_by_side] if request.side_by_side is not None else [])
     for path in outputs:
         if path.is_dir():
             raise UserError(f"output {path} is a folder: give a file name such as {path / 'out.mp4'}")
+        vio.container_format(path)
     if len({path.resolve() for path in outputs}) < len(outputs):
         raise UserError(f"--side-by-side and -o are both {request.output}: give them different paths")
+    files.check_not_inputs(outputs, {"input video": request.video, "mask": request.mask})
     prepared = prepare_for_model(
         request.model, request.video, request.mask, request.box, request.frames, request.height, request.width,
         request.stride,
     )
+    for folder in dict.fromkeys(path.parent for path in outputs):
+        files.check_writable(folder)
+    if vio.has_audio(request.video):
+        typer.echo(f"note: {request.video} has an audio track, which is not copied: the output is video only", err=True)
     num_frames, height, width = prepared.mask.shape
+    source = (f"input    {vio.describe_source(request.video)} -> {width}x{height} x {num_frames} frames at "
+              f"{prepared.fps:g} fps")
+    if not prepared.mask.any():
+        _write_outputs(request, prepared, prepared.video, [
+            source, f"method   none: the mask is empty, so there is nothing to edit (no model loaded)",
+        ], "the input, unchanged")
+        return
 
     start = time.perf_counter()  # "load" includes importing torch and diffusers, whichever step does it first
     device = resolve_device(request.device)
@@ -255,24 +274,26 @@ def run_request(request: EditRequest) -> None:
 
     result, cache_line = _edit_with_method(pipe, config, prepared, request)
     frames = vio.composite(prepared.video, result.frames, prepared.mask) if request.composite else result.frames
-
-    written = [_write(request.output, frames, prepared.fps, request)]
-    if request.side_by_side is not None:
-        panel = vio.side_by_side(prepared.video, prepared.mask, frames)
-        written.append(_write(request.side_by_side, panel, prepared.fps, request))
-
     timings = {"load": load_s, **result.timings}
     kept = "composited into the original outside the mask" if request.composite else "raw model output"
-    lines = [
-        f"input    {_describe_source(request.video)} -> {width}x{height} x {num_frames} frames at {prepared.fps:g} fps",
+    _write_outputs(request, prepared, frames, [
+        source,
         f"model    {request.model}, {result.steps} steps, guidance {request.guidance:g}, seed {request.seed}, "
         f"{device.type}/{str(dtype).removeprefix('torch.')}",
         f"method   {request.method}: {cache_line}",
         "time     " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items()),
-        f"output   {written[0]} ({kept})",
-    ]
-    if len(written) > 1:
-        lines.append(f"side     {written[1]} (input | mask | output)")
+    ], kept)
+
+
+def _write_outputs(request: EditRequest, prepared: vio.PreparedInputs, frames: np.ndarray, lines: list[str],
+                   kept: str) -> None:
+    """Write the output (and side-by-side) video and print the summary `lines` with the written paths."""
+    written = vio.write_video(request.output, frames, prepared.fps, crf=request.crf, lossless=request.lossless)
+    lines = [*lines, f"output   {written} ({kept})"]
+    if request.side_by_side is not None:
+        panel = vio.side_by_side(prepared.video, prepared.mask, frames)
+        side = vio.write_video(request.side_by_side, panel, prepared.fps, crf=request.crf, lossless=request.lossless)
+        lines.append(f"side     {side} (input | mask | output)")
     typer.echo("\n".join(lines))
 
 
@@ -308,10 +329,12 @@ def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs,
         with step_bar("calibrating", steps) as progress:
             config.prepare(pipe.transformer, steps, lambda: edit(progress))
     hetcache.enable(pipe, config)
-    with step_bar("denoising", steps) as progress:
-        result = edit(progress)
-    stats = hetcache.stats(pipe)
-    hetcache.disable(pipe)
+    try:
+        with step_bar("denoising", steps) as progress:
+            result = edit(progress)
+        stats = hetcache.stats(pipe)
+    finally:
+        hetcache.disable(pipe)
     for note in stats.notes:
         typer.echo(f"note: {request.method}: {note}", err=True)
     # Relative to the dense cost of the steps asked for, so fewer-steps shows its saving too (HetCache's stats
@@ -321,28 +344,6 @@ def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs,
     ran = len(stats.plan) or steps
     counted = f"{ran} steps" if ran == request.steps else f"{ran} of {request.steps} steps"
     return result, f"plan {stats.plan or '-'} ({counted}), {cost}"
-
-
-def _write(path: Path, frames: np.ndarray, fps: float, request: EditRequest) -> Path:
-    try:
-        return vio.write_video(path, frames, fps, crf=request.crf, lossless=request.lossless)
-    except OSError as error:
-        reason = error.strerror or error
-        raise UserError(f"cannot write {path}: {reason}: check the folder and its permissions") from None
-
-
-def _describe_source(path: Path) -> str:
-    """'path (854x480, 222 frames, 30 fps)' from the container header, or just the path if it has none."""
-    try:
-        with av.open(str(path), metadata_errors="ignore") as container:
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            parts = [f"{stream.width}x{stream.height}"]
-            parts += [f"{stream.frames} frames"] if stream.frames else []
-            parts += [f"{float(rate):g} fps"] if rate else []
-            return f"{path} ({', '.join(parts)})"
-    except (av.FFmpegError, OSError, ValueError, IndexError):
-        return str(path)
 
 
 def _side_by_side_path(output: Path, side_by_side: Path | None, no_side_by_side: bool) -> Path | None:
@@ -447,8 +448,9 @@ def demo(
     """Remove a moving red ball from a scene made in code, with the small trained proxy model (under a minute
     on a laptop CPU)."""
     check_method(method)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a folder")
+    check_prompt(prompt)
+    guidance = _guidance(model, guidance)
+    files.check_output_folder(out)
     from hetcache.proxy.quality import to_uint8
     from hetcache.proxy.scenes import removal_scene
 
@@ -468,7 +470,7 @@ def demo(
             model=model,
             steps=steps,
             seed=seed,
-            guidance=_guidance(model, guidance),
+            guidance=guidance,
             device=device,
             dtype=dtype,
             method=method,
@@ -507,6 +509,7 @@ def bench(
         if name.strip() and methods.strip() != "all":
             check_method(name.strip())
     options = method_options(method_option)
+    guidance = _guidance(model, guidance)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     prepared = prepare_for_model(model, video, mask, box, frames, height, width)
@@ -520,13 +523,14 @@ def bench(
         model=model,
         steps=steps,
         seed=seed,
-        guidance=_guidance(model, guidance),
+        guidance=guidance,
         device=device,
         dtype=dtype,
         out=out,
         lpips_weights=lpips_weights,
         method_options=options,
         compile=compile,
+        sources={"input video": video, "mask": mask},
     )
 
 

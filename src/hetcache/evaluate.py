@@ -145,11 +145,28 @@ def scan_dataset(dataset: str | os.PathLike, layout: str, default_prompt: str | 
     return found
 
 
+class _BadPrompt(Exception):
+    """A prompt file that cannot be read as text: the item fails, the others run."""
+
+
 def _read_prompt(path: Path) -> str | None:
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8").strip()
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise _BadPrompt(f"{path.name} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    except OSError as error:
+        raise _BadPrompt(f"cannot read {path.name}: {error.strerror or error}") from None
     return text or None
+
+
+def _prompt_or_problem(path: Path, default_prompt: str | None) -> tuple[str | None, str | None]:
+    """(prompt, None), or (None, why the item cannot run) when its prompt file is unreadable."""
+    try:
+        return _read_prompt(path) or default_prompt, None
+    except _BadPrompt as error:
+        return None, str(error)
 
 
 def _scan_folder(root: Path, default_prompt: str | None) -> Dataset:
@@ -161,9 +178,9 @@ def _scan_folder(root: Path, default_prompt: str | None) -> Dataset:
             continue
         mask = next((folder / n for n in ("mask.mp4", "mask.png") if (folder / n).is_file()), None)
         truth = folder / "ground_truth.mp4"
-        prompt = _read_prompt(folder / "prompt.txt") or default_prompt
-        problem = ("no mask.mp4 or mask.png" if mask is None else
-                   "no prompt.txt (or it is empty)" if prompt is None else None)
+        prompt, unreadable = _prompt_or_problem(folder / "prompt.txt", default_prompt)
+        problem = ("no mask.mp4 or mask.png" if mask is None else unreadable or
+                   ("no prompt.txt (or it is empty)" if prompt is None else None))
         items.append(Item(folder.name, "inpainting" if truth.is_file() else "editing", prompt, video, mask,
                           truth if truth.is_file() else None, problem=problem))
     return Dataset(items)
@@ -191,9 +208,10 @@ def _scan_vace(root: Path, default_prompt: str | None) -> Dataset:
             continue
         truth = next((folder / f"{prefix}{n}" for n in ("raw_video.mp4", "ori_video.mp4")
                       if (folder / f"{prefix}{n}").is_file()), None)
-        prompt = (_read_prompt(folder / f"{prefix}prompt.txt") or str(meta.get("prompt") or "").strip()
-                  or default_prompt)
-        problem = None if prompt is not None else f"no {prefix}prompt.txt and no prompt in {_VACE_METADATA}"
+        prompt, problem = _prompt_or_problem(folder / f"{prefix}prompt.txt", None)
+        prompt = prompt or str(meta.get("prompt") or "").strip() or default_prompt
+        if problem is None and prompt is None:
+            problem = f"no {prefix}prompt.txt and no prompt in {_VACE_METADATA}"
         items.append(Item(item_id, str(meta.get("task") or folder.name), prompt, video, mask, truth, problem=problem))
     notes = []
     if unmasked:
@@ -203,12 +221,20 @@ def _scan_vace(root: Path, default_prompt: str | None) -> Dataset:
     return Dataset(items, notes)
 
 
+def _read_text(path: Path) -> str:
+    """A dataset's own index file (CSV, metadata.jsonl) as text: one UserError when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+
+
 def _vace_metadata(path: Path) -> dict[str, dict]:
     """metadata.jsonl rows keyed by their `id` and by their `src_video` path (both optional)."""
     if not path.is_file():
         return {}
     rows: dict[str, dict] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -228,8 +254,7 @@ def _scan_vpbench(path: Path, default_prompt: str | None) -> Dataset:
     table, root = (path, path.parent) if path.is_file() else (path / _VPBENCH_DEFAULT_CSV, path)
     if not table.is_file():
         raise UserError(f"no {table.name} in {root}: pass the VPBench folder or one of its CSV files")
-    with open(table, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = list(csv.DictReader(io.StringIO(_read_text(table), newline="")))
     columns = set(rows[0]) if rows else set()
     prompt_column = next((c for c in _VPBENCH_PROMPTS if c in columns), None)
     missing = {"path", "mask_id", "start_frame", "end_frame"} - columns
@@ -299,6 +324,7 @@ def load_item(
         elif item.ground_truth is not None:
             count, h, w = mask.shape
             truth = vio.prepare_inputs(item.ground_truth, item.mask, height=h, width=w, frames=count).video
+    vio.check_mask_covers(mask, "evaluate")
     if truth is not None:
         outside = psnr(video, truth, ~mask)
         if outside is not None and outside < ALIGNMENT_PSNR_DB:
@@ -322,8 +348,10 @@ def _load_vpbench_clip(item: Item, frames: int | None, height: int | None, width
     count = vio.choose_frame_count(min(len(source), len(ids)), frames, max_frames=max_frames)
     h, w = vio._model_size(*source.shape[1:3], height, width, area)
     mask = vio.fit_frames(ids[:count] == item.mask_id, h, w)
-    notes = [] if mask.any() else [f"object {item.mask_id} is absent from frames {start}..{start + count - 1}"]
-    return vio.fit_frames(source[:count], h, w), mask, notes
+    if not mask.any():
+        raise UserError(f"object {item.mask_id} is absent from frames {start}..{start + count - 1}: the mask is "
+                        "empty: nothing to evaluate")
+    return vio.fit_frames(source[:count], h, w), mask, []
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -354,20 +382,54 @@ def _item_dir(out: Path, item_id: str) -> Path:
     return out / ITEMS_DIR / safe
 
 
-def completed_record(folder: Path, key: dict[str, Any], names: Sequence[str]) -> dict[str, Any] | None:
-    """The item's stored result when it was made with the same settings and covers every method in `names`
-    (a method that failed does not count: it runs again); None otherwise."""
+def fingerprint(item: Item, digests: dict[Path, str] | None = None) -> str:
+    """A hash of everything an item's result depends on besides the settings: the bytes of its video, mask and
+    ground truth, its prompt, task, object id and frame range. `digests` memoises file hashes within one run
+    (VPBench items share their videos)."""
+    digests = {} if digests is None else digests
+    sha = hashlib.sha256()
+    for path in (item.video, item.mask, item.ground_truth):
+        if path is not None and path not in digests:
+            digests[path] = _file_digest(path)
+        sha.update(f"{digests.get(path)}\n".encode())
+    sha.update(json.dumps([item.prompt, item.task, item.mask_id, item.frame_range]).encode())
+    return sha.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None  # missing or unreadable: the item fails on loading, and runs again once the file is there
+
+
+def completed_record(folder: Path, key: dict[str, Any], names: Sequence[str],
+                     item_fingerprint: str | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """(the item's stored result, None) when it was made from the same dataset, with the same settings, from
+    the same files and prompt (`item_fingerprint`) and covers every method in `names` (a method that failed does
+    not count: it runs again); else (None, why it runs again), the reason None when nothing was stored."""
     try:
         record = json.loads((folder / ITEM_FILE).read_text())
     except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("schema") != ITEM_SCHEMA or record.get("key") != key:
-        return None
+        return None, None
+    if not isinstance(record, dict) or record.get("schema") != ITEM_SCHEMA:
+        return None, "its stored result has another format"
+    stored = record.get("key") or {}
+    if stored.get("dataset") != key.get("dataset"):
+        return None, f"its stored result is from another dataset ({stored.get('dataset')})"
+    if stored != key:
+        changed = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
+        return None, f"its stored result was made with other settings ({', '.join(changed)})"
+    if record.get("fingerprint") != item_fingerprint:
+        return None, "its files or prompt changed since its stored result"
     covered = {row["method"] for row in record["rows"]}
     covered |= {s["method"] for s in record["skipped"] if not s["failed"]}
-    if not set(names) <= covered or (key["i3d"] and not (folder / FEATURES_FILE).is_file()):
-        return None
-    return record
+    if not set(names) <= covered:
+        return None, f"its stored result lacks {', '.join(sorted(set(names) - covered))}"
+    if key["i3d"] and not (folder / FEATURES_FILE).is_file():
+        return None, f"its {FEATURES_FILE} is missing"
+    return record, None
 
 
 @dataclass
@@ -385,8 +447,10 @@ class _Context:
     say: Callable[[str], None]
 
 
-def evaluate_item(pipe: Any, item: Item, loaded: LoadedItem, ctx: _Context, folder: Path) -> dict[str, Any]:
-    """Run every method on one item, score it, write its result.json (and i3d.npz); returns the record."""
+def evaluate_item(pipe: Any, item: Item, loaded: LoadedItem, ctx: _Context, folder: Path,
+                  item_fingerprint: str | None = None) -> dict[str, Any]:
+    """Run every method on one item, score it, write its result.json (and i3d.npz) under `item_fingerprint`
+    (`fingerprint`); returns the record."""
     num_frames, height, width = loaded.mask.shape
     latents = initial_latents(pipe, num_frames, height, width, ctx.seed)
     # Inpainting items were greyed by `load_item`; editing items go in as they are.
@@ -433,7 +497,8 @@ def evaluate_item(pipe: Any, item: Item, loaded: LoadedItem, ctx: _Context, fold
             features[name] = ctx.i3d(frames)
         ctx.say(_progress_line(row))
     record = {
-        "schema": ITEM_SCHEMA, "key": ctx.key, "id": item.id, "task": item.task, "prompt": item.prompt,
+        "schema": ITEM_SCHEMA, "key": ctx.key, "fingerprint": item_fingerprint, "id": item.id, "task": item.task,
+        "prompt": item.prompt,
         "frames": num_frames, "height": height, "width": width, "ground_truth": loaded.ground_truth is not None,
         "rows": rows, "skipped": skipped, "notes": loaded.notes,
     }
@@ -568,7 +633,7 @@ def write_tables(out: Path, settings: dict[str, Any], records: Sequence[dict[str
     features = _load_features(out, records) if settings["i3d"] else None
     rows, vfid_notes = aggregate(records, names, features)
     item_rows = [row for record in records for row in record["rows"]]
-    items = [{k: v for k, v in record.items() if k not in ("schema", "key")} for record in records]
+    items = [{k: v for k, v in record.items() if k not in ("schema", "key", "fingerprint")} for record in records]
     per_item = {"schema": SCHEMA, "settings": settings, "items": items, "failed": failed, "notes": dataset_notes}
     summary = {"schema": SCHEMA, "settings": settings, "rows": rows, "failed": failed,
                "notes": dataset_notes + vfid_notes}
@@ -635,12 +700,16 @@ def eval_main(
         raise UserError(f"--out {out} is a file: give a folder")
     found = scan_dataset(dataset, layout)
     items = found.items[:limit]
+    files.check_output_folder(out, OUTPUT_FILES)
+    note = files.removed_note(files.remove_stale(out, recursive=True), out)
+    if note:
+        _say(f"note: {note}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     lpips = LPIPS.from_file(lpips_weights, torch_device) if lpips_weights else None
     i3d = I3D.from_file(i3d_weights, torch_device) if i3d_weights else None
     key = {
-        "layout": layout, "model": model, "steps": steps, "frames": frames, "height": height, "width": width,
+        "dataset": str(Path(dataset).resolve()), "layout": layout, "model": model, "steps": steps, "frames": frames, "height": height, "width": width,
         "seed": seed, "guidance": guidance, "device": torch_device.type,
         "dtype": str(torch_dtype).removeprefix("torch."), "band_px": BAND_PX,
         "lpips": str(lpips_weights) if lpips_weights else None, "i3d": str(i3d_weights) if i3d_weights else None,
@@ -651,13 +720,17 @@ def eval_main(
     ctx = _Context(key, configs, steps, seed, guidance, BAND_PX, lpips, i3d, _say)
     pipe = None
     records, failed = [], []
+    digests: dict[Path, str] = {}
     for item in tqdm(items, desc="eval", unit="item", file=sys.stderr):
         folder = _item_dir(out, item.id)
-        done = completed_record(folder, key, names)
+        item_fingerprint = fingerprint(item, digests)
+        done, why = completed_record(folder, key, names, item_fingerprint)
         if done is not None:
             _say(f"{item.id}: done earlier, skipped")
             records.append(_restrict(done, names))
             continue
+        if why is not None:
+            _say(f"{item.id}: {why}: running it again")
         try:
             loaded = load_item(item, frames, height, width, native_limits(model))
         except UserError as error:
@@ -669,7 +742,7 @@ def eval_main(
             pipe = _load(model, torch_device, torch_dtype, loaded, item.prompt)
         fit_scheduler(pipe, *loaded.mask.shape[1:])
         try:
-            records.append(evaluate_item(pipe, item, loaded, ctx, folder))
+            records.append(evaluate_item(pipe, item, loaded, ctx, folder, item_fingerprint))
         except (UserError, RuntimeError, ValueError) as error:
             failed.append({"item": item.id, "reason": f"{REFERENCE} failed: {' '.join(str(error).split())}"})
             _say(f"{item.id}: {failed[-1]['reason']}")

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ PART_SUFFIX = ".part"
 _PART = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[0-9a-f]{8}\.part$")
 # A disk with less free space than this cannot hold any output worth waiting for: "disk full".
 MIN_FREE_BYTES = 1 << 20
-PROBE_BYTES = 64 << 10  # what `check_writable` writes (and removes) to find a full disk or a quota
+PROBE_BYTES = 4096  # one block: what `check_writable` writes (and removes) to find a full disk or a quota
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 _REASONS = {
     errno.EROFS: "the file system is read-only",
@@ -141,6 +141,37 @@ def _glob_escape(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ checks
+def check_not_inputs(outputs: Iterable[str | os.PathLike], inputs: Mapping[str, str | os.PathLike | None]) -> None:
+    """UserError when an output would replace one of the `inputs` ({role: path}): the same file by any name (a
+    link, `./x.mp4` for `x.mp4`)."""
+    for output in map(Path, outputs):
+        for role, given in inputs.items():
+            if given is None or not output.exists() or not Path(given).is_file():
+                continue
+            if os.path.samefile(output, given):
+                raise UserError(f"the output {output} is the {role} {given}: writing it would replace the source: "
+                                "choose another output path")
+
+
+def check_output_folder(folder: str | os.PathLike, names: Iterable[str] = (),
+                        inputs: Mapping[str, str | os.PathLike | None] | None = None) -> None:
+    """What a command that writes into `folder` checks before its long work: the folder is no file, none of the
+    files `names` it writes there is one of the `inputs` ({role: path}), and it can be written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file: give a folder")
+    check_not_inputs([folder / name for name in names], inputs or {})
+    check_writable(folder)
+
+
+def removed_note(removed: list[Path], folder: str | os.PathLike) -> str | None:
+    """The note a command prints after `remove_stale` found leftovers in its output folder (None: none)."""
+    if not removed:
+        return None
+    count = f"{len(removed)} temporary file{'s' * (len(removed) > 1)}"
+    return f"removed {count} that an interrupted run left in {folder}"
+
+
 def check_writable(folder: str | os.PathLike, what: str = "output folder") -> None:
     """Raise the UserError a write into `folder` would end in, before any long work: a file in the way, no
     permission, a read-only file system, a full disk. Creates nothing that stays (the folder itself is not made)."""

@@ -10,6 +10,7 @@ for its constants and input checks, and `hetcache --help` or a bad argument must
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -265,6 +266,18 @@ def native_limits(model: str) -> tuple[int, int]:
     return vio.DEFAULT_AREA, vio.MAX_FRAMES
 
 
+def native_size(model: str) -> tuple[int, int, int]:
+    """(frames, height, width) of a model's native clip: the proxy's 17 x 256x256, Wan's 81 x 480x832."""
+    return (17, 256, 256) if model == PROXY else (vio.MAX_FRAMES, 480, 832)
+
+
+def largest_area(model: str) -> int:
+    """The most pixels per frame a model is run at: 4x the proxy's 256x256 area; the 1080p class (1920x1088) for
+    Wan, whose recipes stop at 720p. Larger sizes are refused before any frame is resized (a 16000-pixel side
+    would allocate gigabytes for nothing)."""
+    return 4 * 256 * 256 if model == PROXY else 1920 * 1088
+
+
 def prepare_for_model(
     model: str,
     video: str | Path,
@@ -282,7 +295,7 @@ def prepare_for_model(
         warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
         prepared = vio.prepare_inputs(
             video, mask, box=box, height=height, width=width, frames=frames, stride=stride, area=area,
-            max_frames=max_frames,
+            max_frames=max_frames, max_area=largest_area(model),
         )
     for note in prepared.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -338,6 +351,11 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> WanVACEPipeline:
         return _load_pretrained(str(folder), dtype)
     except (OSError, ValueError) as error:
         raise UserError(f"could not load the pipeline in {str(folder)!r}: {_first_line(error)}") from None
+    except (TypeError, KeyError) as error:  # a config value of the wrong type or a missing key
+        raise UserError(
+            f"could not load the pipeline in {str(folder)!r}: {type(error).__name__}: {_first_line(error)}: "
+            "check the values in its config.json files"
+        ) from None
 
 
 def _load_from_hub(model: str, dtype: torch.dtype) -> WanVACEPipeline:
@@ -408,6 +426,7 @@ def run_edit(
     progress: Callable[[int, int], None] | None = None,
     latents: torch.Tensor | None = None,
     hide_masked: bool = True,
+    guidance_2: float | None = None,
 ) -> EditResult:
     """Regenerate the masked region of `video` (uint8 [F,H,W,3]) where `mask` (bool [F,H,W]) is True.
 
@@ -415,13 +434,21 @@ def run_edit(
     (removal and inpainting; `WanVACEPipeline` would otherwise pass them on as its "reactive" input). Turn it off
     for edits that should start from the original content.
 
+    `guidance_2` is the guidance of a two-expert pipeline's second expert (`guidance_scale_2`; None: the same as
+    `guidance`). Classifier-free guidance runs when `guidance` > 1.
+
     Sizes are taken from the arrays and must already fit the model (see `fit_error`). `progress(done, total)`
     is called after every denoising step; the pipeline's own progress bar is hidden during the call. The
-    pipeline is left as it was (hooks removed, progress bar setting restored).
+    pipeline is left as it was (hooks removed, progress bar setting restored). Latents or frames that are not
+    finite (an fp16 overflow) end the edit with a UserError instead of a black video.
     """
     import torch
 
     check_prompt(prompt)
+    check_guidance(guidance, guidance_2)
+    if guidance_2 is not None and not is_two_expert(pipe):
+        raise UserError("--guidance-2 is the second expert's guidance of a two-expert pipeline (Wan2.2), and this "
+                        "model has one transformer: drop it")
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
     problem = fit_error(pipe, video, mask)
@@ -442,6 +469,8 @@ def run_edit(
     def on_step_end(pipeline: WanVACEPipeline, step: int, timestep: torch.Tensor, tensors: dict) -> dict:
         sync()
         marks["denoise_end"] = time.perf_counter()
+        if not bool(torch.isfinite(tensors["latents"]).all()):
+            raise UserError(non_finite_message(f"the latents after step {step + 1} of {steps}"))
         if progress is not None:
             progress(step + 1, steps)
         return {}
@@ -454,7 +483,8 @@ def run_edit(
 
     bar_config = compat.progress_bar_config(pipe)
     pipe.set_progress_bar_config(**{**(bar_config or {}), "disable": True})
-    handle = pipe.transformer.register_forward_pre_hook(on_first_denoiser_call)
+    handles = [expert.register_forward_pre_hook(on_first_denoiser_call) for expert in experts(pipe)]
+    extra = {} if guidance_2 is None else {"guidance_scale_2": guidance_2}
     try:
         sync()
         start = time.perf_counter()
@@ -473,11 +503,15 @@ def run_edit(
             output_type="np",
             callback_on_step_end=on_step_end,
             max_sequence_length=_max_sequence_length(pipe),
+            **extra,
         ).frames[0]
+        if not np.isfinite(output).all():
+            raise UserError(non_finite_message("the decoded frames"))
         frames = (np.clip(output, 0.0, 1.0) * 255.0).round().astype(np.uint8)
         end = time.perf_counter()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         compat.restore_progress_bar_config(pipe, bar_config)
 
     timings = {
@@ -489,6 +523,29 @@ def run_edit(
     return EditResult(
         frames=frames, timings=timings, steps=steps, height=height, width=width, num_frames=num_frames
     )
+
+
+def check_guidance(guidance: float, guidance_2: float | None = None) -> None:
+    """Reject a guidance scale that is not a finite number (`inf` would only give NaN latents and a black video)."""
+    for name, value in (("--guidance", guidance), ("--guidance-2", guidance_2)):
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"{name} {value} is not a finite number: use e.g. 5 (<= 1 turns guidance off)")
+
+
+def non_finite_message(what: str) -> str:
+    """Why an edit stopped when the model produced NaN or inf values, and what to change."""
+    return (f"{what} hold NaN or inf values, so the output would be black: the model overflowed (with --dtype fp16 "
+            "use bf16 or fp32; lower --guidance)")
+
+
+def experts(pipe: WanVACEPipeline) -> list[torch.nn.Module]:
+    """The pipeline's transformers in the order they run: one, or two for Wan2.2's two-expert pipelines."""
+    return [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+
+
+def is_two_expert(pipe: WanVACEPipeline) -> bool:
+    """Whether the pipeline switches between two transformers (`transformer_2` and a `boundary_ratio`)."""
+    return len(experts(pipe)) == 2 and pipe.config.get("boundary_ratio") is not None
 
 
 def check_prompt(prompt: str) -> None:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import hetcache
 from hetcache import files
+from hetcache import video as vio
 from hetcache.bench import csv_table, flag_notes
 from hetcache.errors import UserError
 from hetcache.methods import (
@@ -61,6 +62,7 @@ from hetcache.runner import (
     initial_latents,
     method_configs,
     run_method,
+    timing_note,
 )
 
 SCHEMA = "hetcache-sweep/1"
@@ -370,17 +372,18 @@ def _record(key: dict[str, Any], state: _Clip, point: Point, config: Any, steps:
     stats = done.stats
     observed = stats.dense_flops > 0
     scores = fidelity(done.frames, state.reference, state.clip.mask, band_px=settings.band_px, lpips=lpips)
+    speedup = reference_time / done.denoise_s if done.denoise_s > 0 else None
+    flops_ratio = stats.flops / reference_flops if observed and reference_flops else None
+    caveat = timing_note(speedup, flops_ratio)
     return {
         "schema": RUN_SCHEMA, "key": key, "clip": state.clip.id, "method": point.method, "label": point.label,
         "options": point.option_dict(), "steps": len(stats.plan) or steps, "plan": stats.plan,
-        "denoise_s": done.denoise_s,
-        "speedup": reference_time / done.denoise_s if done.denoise_s > 0 else None,
-        "flops": stats.flops if observed else None,
-        "flops_ratio": stats.flops / reference_flops if observed and reference_flops else None,
+        "denoise_s": done.denoise_s, "speedup": speedup, "flops": stats.flops if observed else None,
+        "flops_ratio": flops_ratio,
         "cache_bytes": stats.cache_bytes,
         **{k: _finite(v) for k, v in scores.items()},
         "identical": bool(np.array_equal(done.frames, state.reference)), "flag": method_flag(point.method),
-        "notes": list(stats.notes),
+        "notes": list(stats.notes) + ([caveat] if caveat else []),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
@@ -601,6 +604,7 @@ def load_clips(source: Path | str, mask: Path | str | None, box: str | None, pro
             raise UserError("--prompt is missing: describe what the masked region should show")
         check_prompt(prompt)
         prepared = prepare_for_model(model, source, mask, box, frames, height, width)
+        vio.check_mask_covers(prepared.mask, "sweep")
         return [SweepClip(source.stem or str(source), prepared.video, prepared.mask, prompt, str(source))], []
     if source.is_file() and layout != "vpbench":
         raise UserError(f"{source} is a video: give its --mask (or --box), or pass a dataset folder")
@@ -657,7 +661,9 @@ def sweep_main(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     clips, notes = load_clips(source, mask, box, prompt, model, layout, frames, height, width, limit)
-    for note in notes:
+    files.check_output_folder(out, RESULT_FILES, {"input video": source if mask or box else None, "mask": mask})
+    notes.append(files.removed_note(files.remove_stale(out, recursive=True), out))
+    for note in filter(None, notes):
         tqdm.write(f"note: {note}", file=sys.stderr)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

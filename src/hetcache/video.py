@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -27,6 +28,8 @@ DEFAULT_AREA = 480 * 832
 MAX_FRAMES = 81  # Wan2.1-VACE is trained on clips of up to 81 frames
 SIZE_STEP = 16  # VAE x8 and patch x2: both sides must be multiples of 16
 MASK_THRESHOLD = 127  # a mask pixel whose RGB mean exceeds this is "generate"
+# Containers `write_video` writes, by file suffix (H.264 fits each of them).
+CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
 
 
 @dataclass
@@ -134,7 +137,8 @@ def _decode(path: Path, role: str, stride: int, limit: int | None) -> _Sampled:
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else IMAGE_FPS
             size = None
-            for frame in container.decode(stream):
+            packets = _Count()
+            for frame in _decoded(container, stream, packets):
                 size = size or (frame.width, frame.height)
                 if seen % stride == 0:
                     frames.append(_rgb(frame, size))
@@ -142,6 +146,8 @@ def _decode(path: Path, role: str, stride: int, limit: int | None) -> _Sampled:
                 seen += 1
                 if seen == stop:
                     break
+            else:
+                _check_complete(path, role, stream.frames, packets.value, seen)
             last = _rgb(last_frame, size) if last_frame is not None else None
     except (av.FFmpegError, OSError, ValueError) as e:
         raise UserError(f"cannot read {role} {path}: {e}: check that the file is a complete, playable video") from e
@@ -150,11 +156,71 @@ def _decode(path: Path, role: str, stride: int, limit: int | None) -> _Sampled:
     return _Sampled(Clip(np.stack(frames), fps, str(path)), seen, last, still=False)
 
 
+@dataclass
+class _Count:
+    value: int = 0
+
+
+def _decoded(container: av.container.InputContainer, stream: av.VideoStream, packets: _Count) -> Iterator[av.VideoFrame]:
+    """The stream's frames, counting the packets the demuxer found (the last, empty one only flushes)."""
+    for packet in container.demux(stream):
+        if packet.size:
+            packets.value += 1
+        yield from packet.decode()
+
+
+def _check_complete(path: Path, role: str, declared: int, packets: int, decoded: int) -> None:
+    """A file cut short after its index (an MP4 with the index at the front) demuxes fewer packets than the index
+    lists, and PyAV's threaded decoder then stops without an error: say so instead of returning fewer frames."""
+    if declared and packets < declared:
+        raise UserError(
+            f"{role} {path} is truncated: its index lists {declared} frames but the file holds data for {packets} "
+            f"({decoded} decoded): copy or download it again"
+        )
+
+
 def _rgb(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
     """RGB array at the stream's first size (a size change mid-stream is scaled back to it)."""
     if (frame.width, frame.height) == size:
         return frame.to_ndarray(format="rgb24")
     return frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+
+
+def describe_source(path: str | os.PathLike) -> str:
+    """'path (854x480, 222 frames, 30 fps)' as this module reads it: a video from its header, a folder of images
+    or one image at IMAGE_FPS (the rate they are used at); just the path when it cannot be read."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            images = _image_files(p)
+            with Image.open(images[0]) as first:
+                width, height = ImageOps.exif_transpose(first).size
+            return f"{p} ({width}x{height}, {len(images)} images at {IMAGE_FPS:g} fps)"
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            with Image.open(p) as image:
+                width, height = ImageOps.exif_transpose(image).size
+            return f"{p} ({width}x{height} image, one frame at {IMAGE_FPS:g} fps)"
+        with av.open(str(p), metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            parts = [f"{stream.width}x{stream.height}"]
+            parts += [f"{stream.frames} frames"] if stream.frames else []
+            parts += [f"{float(rate):g} fps"] if rate else []
+            return f"{p} ({', '.join(parts)})"
+    except (av.FFmpegError, OSError, ValueError, IndexError):
+        return str(p)
+
+
+def has_audio(path: str | os.PathLike) -> bool:
+    """Whether a video file carries an audio track (which the edit's output, video only, will not have)."""
+    p = Path(path)
+    if p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES:
+        return False
+    try:
+        with av.open(str(p), metadata_errors="ignore") as container:
+            return bool(container.streams.audio)
+    except (av.FFmpegError, OSError, ValueError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------------ sizes
@@ -264,11 +330,13 @@ def prepare_inputs(
     stride: int = 1,
     area: int = DEFAULT_AREA,
     max_frames: int = MAX_FRAMES,
+    max_area: int | None = None,
 ) -> PreparedInputs:
     """Read, sample and fit a video and its mask (a mask video/folder/image, or a box) to one model size.
 
     The size defaults to `default_size` of the source within `area` pixels, and the frame count to as many as
-    fit up to `max_frames`; with one side given the other follows the aspect.
+    fit up to `max_frames`; with one side given the other follows the aspect. A size above `max_area` pixels is
+    refused before anything is resized.
     Mask frames are taken at the video's indices: a shorter mask repeats its last frame (with a warning),
     a longer one is cut; a mask of another size is fitted on its own. `notes` says what was adjusted.
     """
@@ -283,6 +351,8 @@ def prepare_inputs(
     video = source.clip.frames[:count]
     src_h, src_w = video.shape[1:3]
     height, width = _model_size(src_h, src_w, height, width, area)
+    if max_area is not None:
+        check_area(height, width, max_area)
     notes: list[str] = []
     if box is not None:
         mask = _box_mask(box, src_h, src_w)
@@ -300,6 +370,21 @@ def prepare_inputs(
     if not mask.any():
         notes.append("the mask is empty: nothing will be edited")
     return PreparedInputs(fit_frames(video, height, width), mask, source.clip.fps / stride, notes)
+
+
+def check_area(height: int, width: int, max_area: int) -> None:
+    """UserError when a height x width frame has more than `max_area` pixels (the model's limit)."""
+    if height * width > max_area:
+        raise UserError(
+            f"{width}x{height} is {height * width:,} pixels per frame, more than the {max_area:,} this model is run "
+            f"at: use a smaller --height/--width"
+        )
+
+
+def check_mask_covers(mask: np.ndarray, purpose: str) -> None:
+    """UserError when `mask` selects no pixel: with nothing to regenerate there is nothing to `purpose`."""
+    if not mask.any():
+        raise UserError(f"the mask is empty: nothing to {purpose}: pass a mask (or --box) over the region to edit")
 
 
 def _model_size(
@@ -411,6 +496,16 @@ def _video_frame(frame: np.ndarray) -> av.VideoFrame:
     return av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
 
 
+def container_format(path: str | os.PathLike) -> str:
+    """The container `write_video` writes for `path`'s suffix (.mp4, .mov, .mkv); UserError for any other, so no
+    file gets a container its name does not say."""
+    suffix = Path(path).suffix.lower()
+    if suffix in CONTAINERS:
+        return CONTAINERS[suffix]
+    named = f"ends in {suffix!r}" if suffix else "has no extension"
+    raise UserError(f"output {path} {named}: name it .mp4 (or .mov, .mkv), the containers written here")
+
+
 def write_video(
     path: str | os.PathLike,
     frames: np.ndarray,
@@ -420,11 +515,13 @@ def write_video(
     lossless: bool = False,
     preset: str = "medium",
 ) -> Path:
-    """Write an H.264 mp4, atomically (a temporary file in the same folder, then a rename).
+    """Write an H.264 video in the container `path`'s suffix names (`container_format`: .mp4, .mov or .mkv),
+    atomically (a temporary file in the same folder, then a rename). Video only: no audio track.
 
     Default: libx264, yuv420p (plays everywhere; needs even width and height). `lossless`: libx264rgb at
     crf 0, which `read_frames` returns bit-exact. Fractional rates (29.97, 7.5) are kept as fractions.
     """
+    muxer = container_format(path)
     _check_video(frames, "frames")
     if len(frames) == 0:
         raise ValueError("write_video needs at least one frame")
@@ -435,7 +532,7 @@ def write_video(
         raise ValueError(f"yuv420p needs an even size, got {width}x{height}: crop or pass lossless=True")
     path = Path(path)
     with files.atomic_path(path) as temp:
-        with av.open(str(temp), "w", format="mp4") as container:
+        with av.open(str(temp), "w", format=muxer) as container:
             stream = container.add_stream(
                 "libx264rgb" if lossless else "libx264", rate=Fraction(float(fps)).limit_denominator(100_000)
             )
