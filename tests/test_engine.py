@@ -6,6 +6,7 @@ and may round differently); exact equality where values are copied (REUSE, disab
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_dispatch import attention_backend
@@ -287,3 +288,21 @@ def test_low_precision_cache_leaves_full_and_reuse_steps_exact(model):
     full_precision, float8 = run(None), run(torch.float8_e4m3fn)
     assert torch.equal(full_precision[0], float8[0]) and torch.equal(full_precision[1], float8[1])
     assert not torch.equal(full_precision[2], float8[2])
+
+
+@pytest.mark.parametrize("how", ["enable", "set_mask"])
+def test_a_numpy_mask_works_as_a_torch_mask(model, how):
+    """README's example passes `prepare_inputs(...).mask`, a numpy bool array, to enable (issue 17 item 10)."""
+    outputs = {}
+    for kind, pixels in (("torch", mask()), ("numpy", mask().numpy())):
+        config = cfg(plan="FP", context_ratio=0.2)
+        hetcache.enable(model, config, mask=pixels if how == "enable" else None)
+        if how == "set_mask":
+            hetcache.set_mask(model, pixels)
+        outputs[kind] = [call(model, tiny_inputs(seed), t) for seed, t in ((0, 900.0), (1, 500.0))]
+        outputs[kind].append(hetcache.stats(model).tokens)
+        assert hetcache.plan_for(model, 2, config, mask=pixels) == "FP"
+        hetcache.disable(model)
+    assert isinstance(mask().numpy(), np.ndarray)
+    assert all(torch.equal(a, b) for a, b in zip(outputs["torch"][:2], outputs["numpy"][:2]))
+    assert outputs["torch"][2] == outputs["numpy"][2]

@@ -335,12 +335,14 @@ def test_mask_threshold_is_127(clip9, tmp_path):
     np.testing.assert_array_equal(mask, np.broadcast_to(expected, mask.shape))
 
 
-def test_empty_mask_is_allowed_and_noted(clip9, tmp_path):
+def test_empty_mask_is_prepared_and_left_to_the_command(clip9, tmp_path):
+    """`edit` writes the input through, the commands that compare refuse it (`check_mask_covers`)."""
     path, _ = clip9
     Image.new("L", (48, 32), 0).save(tmp_path / "m.png")
     out = prepare_inputs(path, tmp_path / "m.png")
     assert not out.mask.any()
-    assert "the mask is empty: nothing will be edited" in out.notes
+    with pytest.raises(UserError, match="the mask is empty"):
+        V.check_mask_covers(out.mask, "compare")
 
 
 @pytest.mark.parametrize(

@@ -367,8 +367,6 @@ def prepare_inputs(
     mask = fit_frames(mask, height, width, nearest=True)
     if len(mask) == 1:
         mask = np.repeat(mask, count, axis=0)
-    if not mask.any():
-        notes.append("the mask is empty: nothing will be edited")
     return PreparedInputs(fit_frames(video, height, width), mask, source.clip.fps / stride, notes)
 
 
