@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hetcache import bench as bench_module
+from hetcache import HetCacheConfig
 from hetcache.bench import COLUMNS, RESULT_FILES, bench_main, parse_methods, plan_main, plan_table, run_bench
 from hetcache.errors import UserError
 from hetcache.methods import method_config
@@ -279,3 +280,63 @@ def test_compile_compiles_the_reference_and_every_method_the_same_way(tmp_path, 
     assert results["methods"][1]["config"]["compile"] is True
     run_bench(pipe, video, mask, "a road", ["pab"], steps=2, out_dir=tmp_path, compile=True, progress=None)
     assert compiled.count("forward") == blocks  # a compiled pipeline is not compiled again
+
+
+def test_plan_of_the_proxy_uses_its_clip_and_loads_only_its_transformer(capsys, monkeypatch):
+    import diffusers
+
+    for component in ("AutoencoderKLWan", "WanVACEPipeline"):
+        monkeypatch.setattr(getattr(diffusers, component), "from_pretrained",
+                            classmethod(lambda cls, *a, **k: pytest.fail(f"{cls.__name__} was loaded")))
+    monkeypatch.setattr("transformers.UMT5EncoderModel.from_pretrained",
+                        classmethod(lambda cls, *a, **k: pytest.fail("the text encoder was loaded")))
+    plan_main("proxy", 20, "hetcache-slow", None, None, None, None, None, None)
+    out = capsys.readouterr().out
+    assert out.startswith("proxy: 17 frames at 256x256, 20 steps")
+    assert re.search(r"^memory: hetcache-slow: cache \d+\.\d\d GiB .* at 1 CFG branch$", out, re.M)
+
+
+def test_plan_of_an_uncached_hub_id_offline_says_why_at_once(monkeypatch):
+    from hetcache import pipeline
+
+    monkeypatch.setattr(pipeline.hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="was not found locally and the hub is unreachable: .*hf download"):
+        plan_main("hetcache-tests/no-such-model", 20, "full", None, None, 5, 32, 32, None)
+
+
+def test_plan_of_two_experts_shows_the_switch_of_every_row(capsys):
+    import hetcache
+
+    steps = 20
+    plan_main("tiny-random-moe", steps, "hetcache-fast,pab", None, None, 9, 32, 64, None)
+    out = capsys.readouterr().out
+    pipe = build_tiny_random_pipeline(two_experts=True)
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:4]}
+    assert list(rows) == ["full", "hetcache-fast", "pab"]
+    for name, fields in rows.items():
+        letters, switch = fields[2], int(fields[-1])
+        assert fields[-4:-1] == ["switch", "at", "step"]
+        assert switch == hetcache.expert_switch(pipe, len(letters)) and letters[switch] == "F"
+    assert len(rows["hetcache-fast"][2]) < steps  # fewer solver steps: its switch is counted in them
+    assert "experts: transformer runs the steps at t >= 875, transformer_2 from the switch step" in out
+
+
+def test_plan_shows_the_cache_estimate_in_the_dtype_asked_for(capsys):
+    from hetcache.memory import estimate_memory
+
+    plan_main("tiny-random", 12, "hetcache-slow", None, None, 9, 64, 96, None, cache_dtype="float8_e4m3fn")
+    out = capsys.readouterr().out
+    transformer = build_tiny_random_pipeline().transformer
+    expected = estimate_memory(transformer, 9, 64, 96, HetCacheConfig.slow(cache_dtype=torch.float8_e4m3fn),
+                               text_len=16)
+    assert f"memory: hetcache-slow: {expected.describe()} at 2 CFG branches" in out
+    assert expected.kv_bytes * 2 == estimate_memory(transformer, 9, 64, 96, HetCacheConfig.slow(), text_len=16,
+                                                    dtype=torch.bfloat16).kv_bytes
+
+
+@pytest.mark.parametrize(("args", "message"), [((None, 16000, None), "pixels per frame, more than"),
+                                               ((4097, None, None), "more than the 4093 Wan's rotary table covers")])
+def test_plan_refuses_sizes_beyond_the_models_limits(args, message):
+    frames, height, width = args
+    with pytest.raises(UserError, match=message):
+        plan_main("tiny-random", 4, "full", None, None, frames, height, width, None)

@@ -348,3 +348,24 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
     assert kid(x, x) == pytest.approx(2 * k(1, 2) - 2 * (k(1, 1) + 2 * k(1, 2) + k(2, 2)) / 4, abs=1e-9)
     with pytest.raises(ValueError, match="at least 2 clips"):
         kid(x[:1], y)
+
+
+class _RunsCode:
+    """A pickle whose loading would run code: here, create a file (the issue's crafted file ran a shell command)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+@pytest.mark.parametrize("loader", [LPIPS.from_file, I3D.from_file])
+def test_a_crafted_weights_file_runs_no_code(tmp_path, loader):
+    marker = tmp_path / "code-ran"
+    torch.save({"weight": _RunsCode(marker)}, tmp_path / "crafted.pt")
+    with pytest.raises(UserError, match="is not a .* state dict"):
+        loader(tmp_path / "crafted.pt")
+    assert not marker.exists()
+    torch.load(tmp_path / "crafted.pt", weights_only=False)  # what an unpickling loader would have done
+    assert marker.exists()

@@ -51,14 +51,15 @@ from hetcache.methods import (
 from hetcache.methods.pab import PABConfig, broadcast_steps
 from hetcache.methods.simple import FewerStepsConfig, FullConfig
 from hetcache.metrics import BAND_PX, FIDELITY_KEYS, LPIPS, fidelity
+from hetcache.memory import estimate_memory
 from hetcache.pipeline import (
-    PROXY,
-    TINY_RANDOM,
+    MAX_FRAMES_ROPE,
     check_prompt,
-    default_flow_shift,
-    flow_scheduler,
-    is_hub_id,
+    default_guidance,
+    largest_area,
+    load_for_planning,
     load_pipeline,
+    native_size,
     preview_timesteps,
     resolve_device,
     resolve_dtype,
@@ -413,26 +414,31 @@ def plan_table(
     mask: torch.Tensor,
     text_len: int = 512,
     overrides: dict[str, dict[str, Any]] | None = None,
+    branches: int = 2,
 ) -> list[dict[str, Any]]:
     """Each method's step plan and analytic cost (fraction of `full`'s FLOPs) for `steps` steps, without
     denoising. `target` is a WanVACEPipeline (its scheduler gives the timesteps) or the transformer; `mask` is the
     pixel mask [F, H, W] (True = generate) that sets the token counts. Content-adaptive methods have no plan
-    before they run: their `plan` and `flops_ratio` are None."""
+    before they run: their `plan` and `flops_ratio` are None. `branches`: CFG branches (for the cache estimate)."""
     return [plan_row(target, steps, name, method_config(name, steps=steps, **(overrides or {}).get(name, {})),
-                     mask=mask, text_len=text_len) for name in parse_methods(methods)]
+                     mask=mask, text_len=text_len, branches=branches) for name in parse_methods(methods)]
 
 
 def plan_row(target: Any, steps: int, name: str, config: Any, *, mask: torch.Tensor,
-             text_len: int = 512) -> dict[str, Any]:
+             text_len: int = 512, branches: int = 2) -> dict[str, Any]:
     """One method's step plan and analytic FLOPs share of `full` for `steps` steps (see `plan_table`), from its
-    config: {"name", "steps", "plan", "flops_ratio", "note"}."""
+    config: {"name", "steps", "plan", "flops_ratio", "note", "switch", "memory"}: `switch` is the first solver
+    step of a two-expert pipeline's second expert (None with one), `memory` the `MemoryEstimate` of a HetCache
+    engine config's caches in bfloat16 (None for other methods)."""
     transformer = getattr(target, "transformer", target)
     shape = flops.ModelShape.from_config(transformer.config)
     grid = tokens.latent_grid(tuple(mask.shape), tuple(transformer.config.patch_size))
     n = grid[0] * grid[1] * grid[2]
     dense = flops.forward_flops(shape, n, n, text_len, text_kv=False)
-    row = {"name": name, "steps": inference_steps(config, steps), "plan": None, "flops_ratio": None, "note": ""}
+    row = {"name": name, "steps": inference_steps(config, steps), "plan": None, "flops_ratio": None, "note": "",
+           "switch": None, "memory": None}
     if isinstance(config, HetCacheConfig):
+        row["memory"] = estimate_memory(transformer, *mask.shape, config, text_len=text_len, branches=branches)
         letters = hetcache.plan_for(target, steps, config, mask=mask, text_len=text_len)
         partition = tokens.partition_from_pixel_mask(
             mask, grid, margin=config.margin, gen_threshold=config.gen_threshold,
@@ -449,6 +455,7 @@ def plan_row(target: Any, steps: int, name: str, config: Any, *, mask: torch.Ten
         row["plan"], row["flops_ratio"] = _pab_plan(config, timesteps, shape, n, text_len)
     else:
         row["note"] = "content-adaptive: decided while denoising"
+    row["switch"] = hetcache.expert_switch(target, row["steps"])
     return row
 
 
@@ -523,10 +530,13 @@ def plan_main(
     height: int | None,
     width: int | None,
     mask: Path | str | None,
+    *,
+    cache_dtype: str | None = None,
 ) -> None:
     """`hetcache plan`: print each method's step plan and analytic cost for a mask (default: a centred box
-    covering a quarter of the frame), without running the denoiser. `delta` / `budget` set the HetCache presets'
-    threshold or FLOPs budget."""
+    covering a quarter of the model's native clip), where a two-expert pipeline switches experts, and the cache
+    estimate of the HetCache methods (`cache_dtype`: its storage dtype), without running the denoiser.
+    `delta` / `budget` set the HetCache presets' threshold or FLOPs budget."""
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
     if delta is not None and budget is not None:
@@ -536,64 +546,54 @@ def plan_main(
     if budget is not None and not 0 < budget <= 1:
         raise UserError(f"--budget must be a fraction of the dense FLOPs in (0, 1], got {budget}")
     names = parse_methods(methods)
-    pixel_mask, note = _plan_mask(mask, frames, height, width)
+    pixel_mask, note = _plan_mask(model, mask, frames, height, width)
     num_frames, height, width = pixel_mask.shape
-    target = _plan_target(model, height, width)
-    text_len = 512 if target.tokenizer is None else min(512, int(target.tokenizer.model_max_length))
+    target, text_len = load_for_planning(model, height, width)
     preset = {} if delta is None and budget is None else (
         {"delta": delta, "budget": None} if delta is not None else {"budget": budget})
-    overrides = {name: preset for name in ("hetcache-slow", "hetcache-fast")}
-    rows = plan_table(target, steps, names, mask=pixel_mask, text_len=text_len, overrides=overrides)
+    overrides = {name: dict(preset) for name in ("hetcache-slow", "hetcache-fast")}
+    if cache_dtype is not None:
+        for name in names:
+            if isinstance(method_config(name, steps=steps), HetCacheConfig):
+                overrides.setdefault(name, {})["cache_dtype"] = cache_dtype
+    branches = 2 if default_guidance(model) > 1 else 1
+    rows = plan_table(target, steps, names, mask=pixel_mask, text_len=text_len, overrides=overrides,
+                      branches=branches)
     print(f"{model}: {num_frames} frames at {width}x{height}, {steps} steps; mask: {note}")
     width_name = max(len(r["name"]) for r in rows)
+    two_experts = hetcache.expert_switch(target, steps) is not None
     for r in rows:
         cost = "  adaptive" if r["flops_ratio"] is None else f"{r['flops_ratio']:9.3f}"
-        print(f"{r['name']:<{width_name}}  {cost}  {r['plan'] or r['note']}")
+        switch = f"  switch at step {r['switch']}" if two_experts else ""
+        print(f"{r['name']:<{width_name}}  {cost}  {r['plan'] or r['note']}{switch}")
     print("FLOPs as a fraction of full (analytic); F computed, P partly reused, R reused")
+    if two_experts:
+        boundary = target.config.boundary_ratio * target.scheduler.config.num_train_timesteps
+        print(f"experts: transformer runs the steps at t >= {boundary:g}, transformer_2 from the switch step "
+              "(counted in each row's solver steps; its first step is F)")
+    for r in rows:
+        if r["memory"] is not None:
+            print(f"memory: {r['name']}: {r['memory'].describe()} at {branches} CFG branch{'es' * (branches > 1)}")
 
 
-def _plan_mask(mask: Path | str | None, frames: int | None, height: int | None,
+def _plan_mask(model: str, mask: Path | str | None, frames: int | None, height: int | None,
                width: int | None) -> tuple[torch.Tensor, str]:
     if mask is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            prepared = vio.prepare_inputs(mask, mask, height=height, width=width, frames=frames)
+            prepared = vio.prepare_inputs(mask, mask, height=height, width=width, frames=frames,
+                                          max_area=largest_area(model))
         return torch.from_numpy(prepared.mask), str(mask)
-    frames, height, width = frames or 81, height or 480, width or 832
+    native = native_size(model)
+    frames, height, width = frames or native[0], height or native[1], width or native[2]
     for name, value, step in (("height", height, 16), ("width", width, 16)):
         if value < step or value % step:
             raise UserError(f"{name} {value} is not a positive multiple of {step}: use e.g. 480 or 832")
     if frames < 1 or (frames - 1) % 4:
         raise UserError(f"frame count {frames} is not of the form 4k+1: use e.g. 81")
+    if frames > MAX_FRAMES_ROPE:
+        raise UserError(f"{frames} frames are more than the {MAX_FRAMES_ROPE} Wan's rotary table covers: use fewer")
+    vio.check_area(height, width, largest_area(model))
     box = torch.zeros(frames, height, width, dtype=torch.bool)
     box[:, height // 4 : height - height // 4, width // 4 : width - width // 4] = True
     return box, "a centred box covering a quarter of the frame (pass --mask for your own)"
-
-
-def _plan_target(model: str, height: int, width: int) -> Any:
-    """A WanVACEPipeline for planning: the transformer and the scheduler (and the tokenizer, which sets the text
-    length). Hub ids and folders load only the transformer; the small built-in models load whole."""
-    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
-
-    if model in (TINY_RANDOM, PROXY):
-        pipe = load_pipeline(model, "cpu", "fp32", height=height, width=width)
-        transformer, tokenizer = pipe.transformer, pipe.tokenizer
-    else:
-        if not Path(model).expanduser().exists() and not is_hub_id(model):
-            raise UserError(
-                f"unknown model {model!r}: pass {PROXY}, {TINY_RANDOM}, a local pipeline folder or a hub id"
-            )
-        try:
-            transformer = WanVACETransformer3DModel.from_pretrained(
-                model, subfolder="transformer", dtype=torch.bfloat16
-            )
-        except (OSError, ValueError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(
-                f"could not load the transformer of {model!r}: {first}: pass a local pipeline folder"
-            ) from None
-        tokenizer = None
-    scheduler = flow_scheduler(default_flow_shift(height, width))
-    return WanVACEPipeline(
-        tokenizer=tokenizer, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer
-    )

@@ -33,6 +33,7 @@ from hetcache.pipeline import (
     DEFAULT_MODEL,
     PROXY,
     TINY_RANDOM,
+    TINY_RANDOM_MOE,
     EditResult,
     check_guidance,
     check_prompt,
@@ -119,7 +120,9 @@ def _root(ctx: typer.Context) -> None:
 
 # Options shared by several commands.
 ModelOpt = Annotated[
-    str, typer.Option(help=f"Hub id, local pipeline folder, {PROXY} (small trained model, CPU) or {TINY_RANDOM}.")
+    str,
+    typer.Option(help=f"Hub id, local pipeline folder, {PROXY} (small trained model, CPU), {TINY_RANDOM} or "
+                 f"{TINY_RANDOM_MOE} (tiny random weights, one or two experts: plumbing only)."),
 ]
 SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes
 SeedOpt = Annotated[
@@ -153,6 +156,20 @@ MethodOptionOpt = Annotated[
         help="NAME.KEY=VALUE: set an option of a method's config, e.g. teacache.delta=0.05 (repeatable; "
         "docs/CLI.md lists the keys).",
     ),
+]
+# `hetcache.config.CACHE_DEVICES`, and the storage dtypes offered on the command line (tests/test_cli.py checks
+# that HetCacheConfig takes each of them).
+CACHE_DEVICES = ("auto", "cuda", "cpu")
+CACHE_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2")
+CacheDeviceOpt = Annotated[
+    str | None,
+    typer.Option(help="Where HetCache keeps its K/V cache: auto (the GPU when it fits, else the host), cuda or cpu "
+                 "(pinned host memory, streamed per layer); the HetCache methods only."),
+]
+CacheDtypeOpt = Annotated[
+    str | None,
+    typer.Option(help=f"Storage dtype of HetCache's K/V cache ({', '.join(CACHE_DTYPES)}); default the model's. "
+                 "float8 halves the cache of bf16; attention still reads the compute dtype."),
 ]
 CompileOpt = Annotated[
     bool,
@@ -205,6 +222,20 @@ def check_method(name: str) -> str:
     """The name itself, or a UserError listing the valid ones (without importing `hetcache.methods`)."""
     if name not in METHOD_NAMES:
         raise UserError(f"unknown method {name!r}: use one of {', '.join(METHOD_NAMES)}")
+    return name
+
+
+def check_cache_device(name: str | None) -> str | None:
+    """`--cache-device`, checked without importing torch."""
+    if name is not None and name not in CACHE_DEVICES:
+        raise UserError(f"unknown --cache-device {name!r}: use one of {', '.join(CACHE_DEVICES)}")
+    return name
+
+
+def check_cache_dtype(name: str | None) -> str | None:
+    """`--cache-dtype`, checked without importing torch."""
+    if name is not None and name not in CACHE_DTYPES:
+        raise UserError(f"unknown --cache-dtype {name!r}: use one of {', '.join(CACHE_DTYPES)}")
     return name
 
 
@@ -545,14 +576,22 @@ def plan(
     budget: Annotated[
         float | None, typer.Option(help="FLOPs budget of the HetCache presets, a fraction of dense in (0, 1].")
     ] = None,
-    frames: Annotated[int | None, typer.Option(help="Frames (4k+1); default 81, or the mask's.")] = None,
-    height: Annotated[int | None, typer.Option(help="Height (multiple of 16); default 480, or the mask's.")] = None,
-    width: Annotated[int | None, typer.Option(help="Width (multiple of 16); default 832, or the mask's.")] = None,
+    frames: Annotated[
+        int | None, typer.Option(help="Frames (4k+1); default the model's clip (81, 17 for the proxy), or the mask's.")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(help="Height (multiple of 16); default 480 (256 for the proxy), or the mask's.")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Width (multiple of 16); default 832 (256 for the proxy), or the mask's.")
+    ] = None,
     mask: Annotated[
         Path | None, typer.Option(help="Mask video, folder or image; default a centred box of a quarter of the frame.")
     ] = None,
+    cache_dtype: CacheDtypeOpt = None,
 ) -> None:
-    """Print each method's step plan and analytic cost, without running the denoiser."""
+    """Print each method's step plan and analytic cost, where a two-expert pipeline switches experts, and the
+    cache size of the HetCache methods, without running the denoiser."""
     from hetcache.bench import plan_main
 
     plan_main(
@@ -565,6 +604,7 @@ def plan(
         height=height,
         width=width,
         mask=mask,
+        cache_dtype=check_cache_dtype(cache_dtype),
     )
 
 

@@ -133,6 +133,11 @@ class HetCacheConfig:
             raise ValueError(f"ema_alpha must be in [0, 1), got {self.ema_alpha}")
         if self.step_fraction is not None and not 0.0 < self.step_fraction <= 1.0:
             raise ValueError(f"step_fraction must be in (0, 1], got {self.step_fraction}")
+        if isinstance(self.cache_dtype, str):
+            self.cache_dtype = cache_dtype_named(self.cache_dtype)
+        if self.cache_dtype is not None and not (isinstance(self.cache_dtype, torch.dtype)
+                                                 and self.cache_dtype.is_floating_point):
+            raise ValueError(f"cache_dtype must be a floating-point torch dtype, got {self.cache_dtype!r}")
         if self.cache_device not in CACHE_DEVICES:
             raise ValueError(f"cache_device must be one of {', '.join(CACHE_DEVICES)}, got {self.cache_device!r}")
         if not 0.0 < self.host_share <= 1.0:
@@ -166,12 +171,6 @@ class HetCacheConfig:
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown HetCacheConfig field(s): {', '.join(unknown)}")
-        values = dict(values)
-        dtype = values.get("cache_dtype")
-        if isinstance(dtype, str):
-            if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise ValueError(f"cache_dtype {dtype!r} is not a torch dtype")
-            values["cache_dtype"] = getattr(torch, dtype)
         return cls(**values)
 
     @classmethod
@@ -183,6 +182,15 @@ class HetCacheConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path} holds no HetCacheConfig object")
         return cls.from_dict(data)
+
+def cache_dtype_named(name: str) -> torch.dtype:
+    """The floating-point torch dtype a name gives ("bfloat16", "float8_e4m3fn", "torch.float16", ...)."""
+    dtype = getattr(torch, name.strip().removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"cache_dtype {name!r} is not a floating-point torch dtype: use e.g. bfloat16, float16 or "
+                         "float8_e4m3fn")
+    return dtype
+
 
 def _preset(budget: float, overrides: dict[str, Any]) -> dict[str, Any]:
     """A preset's options: its budget unless the overrides choose how the plan is decided themselves."""

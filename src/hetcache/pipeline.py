@@ -45,6 +45,8 @@ HIDDEN_GREY = 128
 
 # Longest prompt the real UMT5 text encoder of Wan2.1 is used with.
 MAX_SEQUENCE_LENGTH = 512
+# The longest clip the rotary table of Wan's transformers (1024 latent frames) covers: 4 x 1023 + 1 frames.
+MAX_FRAMES_ROPE = 4 * 1023 + 1
 
 # The tiny tokenizer's word list: enough for prompts such as "an empty road", while single letters keep any
 # other lowercase text tokenisable (anything else becomes <unk>).
@@ -359,8 +361,14 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> WanVACEPipeline:
 
 
 def _load_from_hub(model: str, dtype: torch.dtype) -> WanVACEPipeline:
+    return _from_hub(model, lambda **kwargs: _load_pretrained(model, dtype, **kwargs))
+
+
+def _from_hub(model: str, load: Callable[..., Any]) -> Any:
+    """`load(**kwargs)` from the local cache (local_files_only=True), else with one online attempt after a quick
+    reachability check, so an offline machine gets its answer in seconds instead of after retries."""
     try:
-        return _load_pretrained(model, dtype, local_files_only=True)
+        return load(local_files_only=True)
     except (OSError, ValueError):
         pass  # not (fully) cached: try the hub once below
     unreachable = (
@@ -370,9 +378,62 @@ def _load_from_hub(model: str, dtype: torch.dtype) -> WanVACEPipeline:
     if hub_constants.HF_HUB_OFFLINE or not _hub_reachable():
         raise UserError(unreachable)
     try:
-        return _load_pretrained(model, dtype)
+        return load()
     except (OSError, ValueError) as error:
         raise UserError(f"could not load model {model!r} from the hub: {_first_line(error)}") from None
+
+
+def load_for_planning(model: str, height: int, width: int) -> tuple[WanVACEPipeline, int]:
+    """What a plan preview needs and nothing more, with the text length the prompt embeddings will have: a
+    WanVACEPipeline holding the transformer (and a two-expert pipeline's `transformer_2` and switch), in bfloat16
+    on the CPU, with the scheduler for the size. The tiny models are built in code whole; folders, `proxy` and hub
+    ids load only their transformers (a hub id from the cache, or after the same quick reachability check as
+    `load_pipeline`)."""
+    import torch
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+
+    if model in (TINY_RANDOM, TINY_RANDOM_MOE):
+        pipe = build_tiny_random_pipeline(two_experts=model == TINY_RANDOM_MOE)
+        pipe.scheduler = flow_scheduler(default_flow_shift(height, width))
+        return pipe, _max_sequence_length(pipe)
+    folder = proxy_folder() if model == PROXY else Path(model).expanduser()
+    if folder.exists():
+        _check_pipeline_folder(folder)
+        source = str(folder)
+    elif is_hub_id(model):
+        source = model
+    else:
+        raise UserError(f"unknown model {model!r}: pass {PROXY}, {TINY_RANDOM}, {TINY_RANDOM_MOE}, a local pipeline "
+                        f"folder, or a hub id such as {DEFAULT_MODEL}")
+
+    def load(**kwargs: Any) -> tuple[list[Any], float | None]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            index = WanVACEPipeline.load_config(source, **kwargs)
+            names = ["transformer"] + (["transformer_2"] if (index.get("transformer_2") or [None])[0] else [])
+            experts = [WanVACETransformer3DModel.from_pretrained(source, subfolder=name, dtype=torch.bfloat16,
+                                                                 **kwargs) for name in names]
+        return experts, index.get("boundary_ratio")
+
+    try:
+        experts, ratio = load() if folder.exists() else _from_hub(model, load)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise UserError(f"could not load the transformer of {model!r}: {_first_line(error)}: pass a local pipeline "
+                        "folder") from None
+    pipe = WanVACEPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=experts[0],
+                           scheduler=flow_scheduler(default_flow_shift(height, width)),
+                           transformer_2=experts[1] if len(experts) > 1 else None,
+                           boundary_ratio=ratio if len(experts) > 1 else None)
+    return pipe, _tokenizer_length(folder) if folder.exists() else MAX_SEQUENCE_LENGTH
+
+
+def _tokenizer_length(folder: Path) -> int:
+    """The text length a pipeline folder's tokenizer gives the prompt embeddings (512 for Wan's UMT5)."""
+    try:
+        config = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())
+        return min(MAX_SEQUENCE_LENGTH, int(config["model_max_length"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return MAX_SEQUENCE_LENGTH
 
 
 def _hub_reachable() -> bool:
