@@ -159,8 +159,11 @@ def test_plan_prints_each_methods_letters_without_running_the_denoiser(tiny_pipe
     assert result.exit_code == 0, result.output
     box = torch.zeros(frames, height, width, dtype=torch.bool)
     box[:, height // 4 : height - height // 4, width // 4 : width - width // 4] = True  # plan's default mask
-    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:-1]}
+    lines = result.stdout.splitlines()
+    legend = lines.index("FLOPs as a fraction of full (analytic); F computed, P partly reused, R reused")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:legend]}
     assert list(rows) == ["full", "hetcache-slow", "hetcache-fast", "pab"]
+    assert [line.split()[1] for line in lines[legend + 1:]] == ["hetcache-slow:", "hetcache-fast:"]  # memory
     assert rows["full"] == ["1.000", "F" * steps]
     for name, config in (("hetcache-slow", hetcache.HetCacheConfig.slow()),
                          ("hetcache-fast", hetcache.HetCacheConfig.fast())):
