@@ -38,9 +38,11 @@ from hetcache.config import HetCacheConfig
 from hetcache.core import call_argument
 from hetcache.errors import UserError
 from hetcache.methods import method_config
+from hetcache.api import experts_of
 from hetcache.pipeline import (
     MAX_SEQUENCE_LENGTH,
     check_prompt,
+    experts as pipeline_experts,
     load_pipeline,
     prepare_for_model,
     preview_timesteps,
@@ -83,15 +85,19 @@ def plan_signal(pipe: Any, steps: int, config: HetCacheConfig, partition: tokens
     transformer = pipe.transformer
     text_len = min(MAX_SEQUENCE_LENGTH, int(pipe.tokenizer.model_max_length))
     timesteps = preview_timesteps(pipe.scheduler, steps)
+    experts = experts_of(pipe)  # two experts: each step's signal from the expert that runs it
+    switch = None if experts is None else experts.switch(timesteps)
     letters, delta, notes = resolve_plan(transformer, config, partition, text_len, timesteps=timesteps,
-                                         num_steps=steps)
+                                         num_steps=steps, experts=experts)
     coefficients = plan.TEACACHE_WAN21_COEFFICIENTS.get(plan.model_family(transformer.config) or "")
-    distances = plan.model_distances(transformer, timesteps)
+    distances = plan.model_distances(transformer, timesteps, experts)
     teacache = None
     if delta is not None:
         teacache = plan.plan_from_distances(distances, delta, kappa=1.0, warmup_steps=config.warmup_steps,
-                                            max_reuse=config.max_reuse, refresh_every=1)
+                                            max_reuse=config.max_reuse, refresh_every=1,
+                                            full_at=() if switch is None else (switch,))
     return {
+        "switch": switch,
         "timesteps": [float(t) for t in timesteps],
         "coefficients": "TeaCache Wan2.1 " + plan.model_family(transformer.config) if coefficients else "identity",
         "distance": distances,
@@ -192,8 +198,10 @@ def sampled(count: int, most: int) -> list[int]:
 
 
 def analyze(pipe: Any, video: np.ndarray, mask: np.ndarray, prompt: str, *, steps: int, config: HetCacheConfig,
-            seed: int = 0, guidance: float = 5.0, negative_prompt: str = "") -> dict[str, Any]:
-    """Run the stock pipeline on one edit with the probe attached; returns the analysis.json content."""
+            seed: int = 0, guidance: float = 5.0, negative_prompt: str = "",
+            guidance_2: float | None = None) -> dict[str, Any]:
+    """Run the stock pipeline on one edit with a probe on the last block of each expert; returns the analysis.json
+    content (two experts: each step's record says which expert ran it, `plan.switch` where they switch)."""
     num_frames, height, width = mask.shape
     _, patch_h, patch_w = pipe.transformer.config.patch_size
     grid = ((num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
@@ -209,23 +217,28 @@ def analyze(pipe: Any, video: np.ndarray, mask: np.ndarray, prompt: str, *, step
     signal = plan_signal(pipe, steps, dataclasses.replace(config, step_fraction=1.0), partition)
 
     hetcache.disable(pipe)
-    probe = attach_probe(pipe.transformer, partition, query_frame)
+    probes = [attach_probe(expert, partition, query_frame) for expert in pipeline_experts(pipe)]
     try:
-        run_edit(pipe, video, mask, prompt, steps=steps, guidance=guidance, seed=seed, negative_prompt=negative_prompt)
+        run_edit(pipe, video, mask, prompt, steps=steps, guidance=guidance, seed=seed, negative_prompt=negative_prompt,
+                 guidance_2=guidance_2)
     finally:
-        detach_probe(pipe.transformer)
-    if len(probe.records) != steps:
-        raise RuntimeError(f"the probe saw {len(probe.records)} '{BRANCH}' calls for {steps} steps")
+        for expert in pipeline_experts(pipe):
+            detach_probe(expert)
+    expert_of_step = [index for index, probe in enumerate(probes) for _ in probe.records]  # in the order they ran
+    seen = [record for probe in probes for record in probe.records]
+    if len(seen) != steps:
+        raise RuntimeError(f"the probes saw {len(seen)} '{BRANCH}' calls for {steps} steps")
 
     frames = sampled(grid[0], MAX_FRAMES)
     counts = partition.counts()
     records = []
-    for index, record in enumerate(probe.records):
+    for index, record in enumerate(seen):
         maps = record["map"].reshape(grid)[frames]
         mass = dict(zip(CLASSES, record["mass"].tolist()))
         frame_mass = torch.zeros(len(CLASSES)).index_add_(0, labels.flatten().long(), record["map"].float())
         records.append({
             "step": index,
+            "expert": expert_of_step[index],
             "timestep": signal["timesteps"][index],
             "hetcache": signal["hetcache"][index],
             "teacache": None if signal["teacache"] is None else signal["teacache"][index],
@@ -239,7 +252,8 @@ def analyze(pipe: Any, video: np.ndarray, mask: np.ndarray, prompt: str, *, step
         "tokens": counts,
         "labels": labels[frames].tolist(),
         "query_frame": query_frame,
-        "queries": int(probe.frame_queries.numel()),
+        "queries": int(probes[0].frame_queries.numel()),
+        "experts": len(probes),
         "mass_queries": min(counts["generative"], SCORE_QUERIES),
         "sampled_frames": frames,
         "branch": BRANCH,
@@ -328,6 +342,8 @@ def write_mass_plot(path: Path, analysis: dict[str, Any]) -> None:
     for ax in (top, bottom):
         for s in signal["teacache_skips"]:
             ax.axvspan(s - 0.5, s + 0.5, color="0.88", zorder=0)
+        if signal.get("switch") is not None:  # two experts: the second runs from here
+            ax.axvline(signal["switch"] - 0.5, color="purple", lw=1, ls="-.", label="expert switch")
     for name in CLASSES:
         top.plot(x, [s["mass"][name] for s in steps], marker="o", ms=3, color=_COLOURS[name], label=name)
         share = analysis["tokens"][name] / analysis["tokens"]["total"]
@@ -406,6 +422,7 @@ def analyze_main(
     kappa: float | None = None,
     margin: int | None = None,
     negative_prompt: str = "",
+    guidance_2: float | None = None,
 ) -> dict[str, Any]:
     """`hetcache analyze`: write analysis.json, analysis.png and mass_by_class.png into the folder `out`; returns
     the analysis.json content."""
@@ -427,8 +444,9 @@ def analyze_main(
     num_frames, height, width = prepared.mask.shape
     pipe = load_pipeline(model, torch_device, torch_dtype, height=height, width=width)
     result = analyze(pipe, prepared.video, prepared.mask, prompt, steps=steps, config=config, seed=seed,
-                     guidance=guidance, negative_prompt=negative_prompt)
-    result["settings"] = _settings(video, mask, box, prompt, model, steps, prepared, seed, guidance, pipe, config)
+                     guidance=guidance, negative_prompt=negative_prompt, guidance_2=guidance_2)
+    result["settings"] = _settings(video, mask, box, prompt, model, steps, prepared, seed, guidance, guidance_2, pipe,
+                                   config)
     out.mkdir(parents=True, exist_ok=True)
     files.write_text(out / "analysis.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
     write_heatmaps(out / "analysis.png", result)
@@ -441,14 +459,15 @@ def analyze_main(
 
 
 def _settings(video: Any, mask: Any, box: Any, prompt: str, model: str, steps: int, prepared: vio.PreparedInputs,
-              seed: int, guidance: float, pipe: Any, config: HetCacheConfig) -> dict[str, Any]:
+              seed: int, guidance: float, guidance_2: float | None, pipe: Any,
+              config: HetCacheConfig) -> dict[str, Any]:
     import diffusers
 
     frames, height, width = prepared.mask.shape
     return {
         "video": str(video), "mask": None if mask is None else str(mask), "box": box, "prompt": prompt,
         "model": model, "steps": steps, "frames": frames, "height": height, "width": width, "seed": seed,
-        "guidance": guidance, "device": str(compat.execution_device(pipe)),
+        "guidance": guidance, "guidance_2": guidance_2, "device": str(compat.execution_device(pipe)),
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."), "config": config.to_dict(),
         "notes": list(prepared.notes),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -56,6 +56,7 @@ from hetcache.pipeline import (
     MAX_FRAMES_ROPE,
     check_prompt,
     default_guidance,
+    experts,
     largest_area,
     load_for_planning,
     load_pipeline,
@@ -68,8 +69,11 @@ from hetcache.pipeline import (
 from hetcache.runner import (
     REFERENCE,
     WARMUP_STEPS,
+    cache_options,
+    check_fit,
     compile_blocks,
     describe_failure,
+    describe_fit,
     initial_latents,
     method_configs,
     run_method,
@@ -127,20 +131,28 @@ def run_bench(
     method_options: dict[str, dict[str, Any]] | None = None,
     compile: bool = False,
     progress: Callable[[str], None] | None = print,
+    guidance_2: float | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every method (names, or (name, config) pairs) on one edit and write the result files; returns the
     results.json content. `video` uint8 [F,H,W,3] and `mask` bool [F,H,W] must already fit the model.
-    `method_options` ({method: {option: value}}) go to the methods' configs; `compile` compiles the reference and
-    every method the same way (`runner.compile_blocks`)."""
+    `method_options` ({method: {option: value}}) go to the methods' configs, `cache` ({"cache_device",
+    "cache_dtype"}) to every HetCache method's (`runner.cache_options`); `compile` compiles the reference and
+    every method the same way (`runner.compile_blocks`). `guidance_2`: a two-expert pipeline's second guidance.
+    Before anything denoises, every HetCache cache must fit the device or the host (`runner.check_fit`)."""
     say = progress or (lambda line: None)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file: give a folder")
-    configs = method_configs(_ordered(methods), steps=steps, options=method_options, compile=compile)
+    ordered = _ordered(methods)
+    options = cache_options([m if isinstance(m, str) else m[0] for m in ordered], method_options, cache)
+    configs = method_configs(ordered, steps=steps, options=options, compile=compile)
+    fits = check_fit(pipe, configs, *mask.shape, guidance)
     out.mkdir(parents=True, exist_ok=True)
     lpips = LPIPS.from_file(lpips_weights, compat.execution_device(pipe)) if lpips_weights else None
     latents = initial_latents(pipe, *mask.shape, seed)
-    common = dict(negative_prompt=negative_prompt, guidance=guidance, seed=seed, latents=latents)
+    common = dict(negative_prompt=negative_prompt, guidance=guidance, seed=seed, latents=latents,
+                  guidance_2=guidance_2)
 
     hetcache.disable(pipe)
     if compile:
@@ -178,6 +190,11 @@ def run_bench(
         run(name, MATCHED, config)
 
     settings = _settings(pipe, mask, prompt, negative_prompt, steps, seed, guidance, band_px, lpips_weights, compile)
+    settings["guidance_2"] = guidance_2
+    settings["experts"] = len(experts(pipe))
+    settings["cache_estimates"] = {name: {"bytes": estimate.total, "where": where,
+                                          "text": describe_fit(estimate, where, compat.execution_device(pipe))}
+                                   for name, (estimate, where) in fits.items()}
     results = {"schema": SCHEMA, "settings": settings, "methods": records, "skipped": skipped}
     _write_results(out, results)
     _write_pareto(out / "pareto.png", records)
@@ -301,10 +318,13 @@ def results_markdown(results: dict[str, Any]) -> str:
     """The results as a Markdown report: settings, one table row per method, flags, skipped methods, notes."""
     s = results["settings"]
     mode = "compiled (reference and every method)" if s["compile"] else "eager"
+    guidance = f"guidance {s['guidance']:g}" + (f" (second expert {s['guidance_2']:g})"
+                                                 if s.get("guidance_2") is not None else "")
+    experts_text = ", two experts" if s.get("experts", 1) > 1 else ""
     lines = [
         "# hetcache bench",
         "",
-        f"{s['frames']} frames at {s['width']}x{s['height']}, {s['steps']} steps, guidance {s['guidance']:g}, "
+        f"{s['frames']} frames at {s['width']}x{s['height']}, {s['steps']} steps, {guidance}{experts_text}, "
         f"seed {s['seed']}, {s['device']}/{s['dtype']}, {mode}; prompt: \"{s['prompt']}\"",
         "",
         f"Time: {s['timing']} ({s['warmup']}). Fidelity against `{s['reference']}`: PSNR (dB) as the mean over "
@@ -328,6 +348,10 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += ["", "Plan letters: F computed, P partly reused, R reused (first CFG branch); FLOPs: analytic, "
               "relative to `full` (both CFG branches); `=`: identical to `full`; `fewer-steps@S`: fewer-steps at the "
               "FLOPs share S a HetCache row reached."]
+    estimates = s.get("cache_estimates") or {}
+    if estimates:
+        lines += ["", "Cache estimate (`hetcache.memory`, checked before denoising): "
+                  + "; ".join(f"`{name}` {value['text']}" for name, value in estimates.items()) + "."]
     if s["device"].startswith("cpu"):
         lines += ["", "Timings on a CPU swing several-fold when other work shares the machine: speedups here are "
                   "noisy (a row whose speedup exceeds its analytic bound carries a note)."]
@@ -492,6 +516,8 @@ def bench_main(
     method_options: dict[str, dict[str, Any]] | None = None,
     compile: bool = False,
     sources: dict[str, Path | str | None] | None = None,
+    guidance_2: float | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> None:
     """`hetcache bench` once its inputs are prepared (`hetcache.cli` does that before importing this module, so
     input errors come at once): check the output folder (`sources`, {role: path}, are the input files no result
@@ -500,7 +526,7 @@ def bench_main(
     names = parse_methods(methods)
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
-    method_configs(names, steps=steps, options=method_options)  # option errors before the model loads
+    method_configs(names, steps=steps, options=cache_options(names, method_options, cache))  # before the model
     vio.check_mask_covers(prepared.mask, "compare")
     out = Path(out)
     files.check_output_folder(out, RESULT_FILES, sources)
@@ -515,6 +541,7 @@ def bench_main(
         pipe, prepared.video, prepared.mask, prompt, names, steps=steps, seed=seed, guidance=guidance,
         out_dir=out, negative_prompt=negative_prompt, fps=prepared.fps, lpips_weights=lpips_weights,
         method_options=method_options, compile=compile, progress=lambda line: print(line, file=sys.stderr),
+        guidance_2=guidance_2, cache=cache,
     )
     print(results_markdown(results), end="")
     print("wrote " + ", ".join(str(out / name) for name in RESULT_FILES))

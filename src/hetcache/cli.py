@@ -38,6 +38,7 @@ from hetcache.pipeline import (
     check_guidance,
     check_prompt,
     default_guidance,
+    is_two_expert,
     default_steps,
     load_pipeline,
     prepare_for_model,
@@ -138,6 +139,11 @@ ModelGuidanceOpt = Annotated[
     float | None,
     typer.Option(help="Classifier-free guidance scale (<= 1 turns it off); default 5, or 1 for the proxy."),
 ]
+Guidance2Opt = Annotated[
+    float | None,
+    typer.Option("--guidance-2", help="Guidance of the second expert of a two-expert pipeline (Wan2.2's "
+                 "guidance_scale_2); default the same as --guidance."),
+]
 MethodsOpt = Annotated[str, typer.Option(help=METHODS_HELP)]
 NegativeOpt = Annotated[str, typer.Option(help="What to steer away from.")]
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="What the masked region should show.")]
@@ -208,6 +214,14 @@ class EditRequest:
     hide_masked: bool = True
     method: str = NO_CACHE
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    guidance_2: float | None = None
+    cache: dict[str, Any] = field(default_factory=dict)  # {"cache_device": ..., "cache_dtype": ...}
+
+
+def cache_settings(cache_device: str | None, cache_dtype: str | None) -> dict[str, str]:
+    """`--cache-device` and `--cache-dtype`, checked, as HetCacheConfig options (only those given)."""
+    given = {"cache_device": check_cache_device(cache_device), "cache_dtype": check_cache_dtype(cache_dtype)}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def _guidance(model: str, given: float | None) -> float:
@@ -244,18 +258,21 @@ def method_options(texts: list[str] | None) -> dict[str, dict[str, Any]]:
     return parse_method_options(texts or [], METHOD_NAMES)
 
 
-def method_config(name: str, options: dict[str, dict[str, Any]] | None = None, steps: int | None = None) -> Any:
-    """The config of method `name` for `hetcache.enable`, with the user's options for a run of `steps` steps, or
-    None for `full` without options (the stock pipeline)."""
-    if check_method(name) == NO_CACHE and not options:
+def method_config(name: str, options: dict[str, dict[str, Any]] | None = None, steps: int | None = None,
+                  cache: dict[str, Any] | None = None) -> Any:
+    """The config of method `name` for `hetcache.enable`, with the user's options and cache settings
+    (`--cache-device`, `--cache-dtype`) for a run of `steps` steps, or None for `full` without options (the stock
+    pipeline)."""
+    cache = {key: value for key, value in (cache or {}).items() if value is not None}
+    if check_method(name) == NO_CACHE and not options and not cache:
         return None
     from hetcache import methods
-    from hetcache.runner import method_configs
+    from hetcache.runner import cache_options, method_configs
 
     reason = methods.unavailable_reason(name)
     if reason is not None:
         raise UserError(f"method {name!r} cannot run here: {reason}")
-    return method_configs([name], steps=steps, options=options)[0][1]
+    return method_configs([name], steps=steps, options=cache_options([name], options, cache))[0][1]
 
 
 @contextmanager
@@ -270,7 +287,7 @@ def run_request(request: EditRequest) -> None:
     write the outputs and print the summary. An empty mask writes the input through without loading the model."""
     check_prompt(request.prompt)
     check_method(request.method)
-    check_guidance(request.guidance)
+    check_guidance(request.guidance, request.guidance_2)
     outputs = [request.output] + ([request.side_by_side] if request.side_by_side is not None else [])
     for path in outputs:
         if path.is_dir():
@@ -299,21 +316,41 @@ def run_request(request: EditRequest) -> None:
     start = time.perf_counter()  # "load" includes importing torch and diffusers, whichever step does it first
     device = resolve_device(request.device)
     dtype = resolve_dtype(request.dtype, device)
-    config = method_config(request.method, request.method_options, request.steps)
+    config = method_config(request.method, request.method_options, request.steps, request.cache)
     pipe = load_pipeline(request.model, device, dtype, height=height, width=width)
     load_s = time.perf_counter() - start
+    from hetcache.runner import check_fit, describe_fit
 
-    result, cache_line = _edit_with_method(pipe, config, prepared, request)
+    memory = [f"memory   {describe_fit(estimate, where, device)}" for estimate, where in
+              check_fit(pipe, [(request.method, config)], num_frames, height, width, request.guidance).values()]
+
+    result, cache_line, ran = _edit_with_method(pipe, config, prepared, request)
     frames = vio.composite(prepared.video, result.frames, prepared.mask) if request.composite else result.frames
     timings = {"load": load_s, **result.timings}
     kept = "composited into the original outside the mask" if request.composite else "raw model output"
+    guidance = f"guidance {request.guidance:g}"
+    if request.guidance_2 is not None:
+        guidance += f" (second expert {request.guidance_2:g})"
     _write_outputs(request, prepared, frames, [
         source,
-        f"model    {request.model}, {result.steps} steps, guidance {request.guidance:g}, seed {request.seed}, "
+        f"model    {request.model}, {result.steps} steps, {guidance}, seed {request.seed}, "
         f"{device.type}/{str(dtype).removeprefix('torch.')}",
+        *_experts_line(pipe, ran),
         f"method   {request.method}: {cache_line}",
+        *memory,
         "time     " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items()),
     ], kept)
+
+
+def _experts_line(pipe: Any, steps: int) -> list[str]:
+    """Where a two-expert pipeline switched in a run of `steps` solver steps (nothing for one expert)."""
+    if not is_two_expert(pipe):
+        return []
+    switch = hetcache.expert_switch(pipe, steps)
+    if switch is None:
+        return [f"experts  transformer for all {steps} steps (transformer_2 ran none)"]
+    first = "" if not switch else "transformer for step 0, " if switch == 1 else f"transformer for steps 0-{switch - 1}, "
+    return [f"experts  {first}transformer_2 from step {switch} of {steps}"]
 
 
 def _write_outputs(request: EditRequest, prepared: vio.PreparedInputs, frames: np.ndarray, lines: list[str],
@@ -329,9 +366,9 @@ def _write_outputs(request: EditRequest, prepared: vio.PreparedInputs, frames: n
 
 
 def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs,
-                      request: EditRequest) -> tuple[EditResult, str]:
-    """Run the edit with `config`'s cache enabled (None: the stock pipeline); the result and the summary's text
-    for the cache (executed plan letters and the analytic FLOPs ratio)."""
+                      request: EditRequest) -> tuple[EditResult, str, int]:
+    """Run the edit with `config`'s cache enabled (None: the stock pipeline); the result, the summary's text
+    for the cache (executed plan letters and the analytic FLOPs ratio) and the solver steps that ran."""
     steps = request.steps
     if config is not None:
         from hetcache.methods import inference_steps
@@ -350,11 +387,12 @@ def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs,
             seed=request.seed,
             progress=progress,
             hide_masked=request.hide_masked,
+            guidance_2=request.guidance_2,
         )
 
     if config is None:
         with step_bar("denoising", steps) as progress:
-            return edit(progress), "no cache"
+            return edit(progress), "no cache", steps
 
     if hasattr(config, "prepare"):  # e.g. MagCache calibrates its ratios on one uncached run
         with step_bar("calibrating", steps) as progress:
@@ -374,7 +412,7 @@ def _edit_with_method(pipe: Any, config: Any, prepared: vio.PreparedInputs,
     cost = f"{stats.flops / dense:.2f} of the dense FLOPs (analytic)" if dense > 0 else "FLOPs not observed"
     ran = len(stats.plan) or steps
     counted = f"{ran} steps" if ran == request.steps else f"{ran} of {request.steps} steps"
-    return result, f"plan {stats.plan or '-'} ({counted}), {cost}"
+    return result, f"plan {stats.plan or '-'} ({counted}), {cost}", ran
 
 
 def _side_by_side_path(output: Path, side_by_side: Path | None, no_side_by_side: bool) -> Path | None:
@@ -428,6 +466,9 @@ def edit(
     ] = False,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = NO_CACHE,
     method_option: MethodOptionOpt = None,
+    guidance_2: Guidance2Opt = None,
+    cache_device: CacheDeviceOpt = None,
+    cache_dtype: CacheDtypeOpt = None,
 ) -> None:
     """Regenerate the masked region of VIDEO as PROMPT describes."""
     run_request(
@@ -455,6 +496,8 @@ def edit(
             hide_masked=hide_masked,
             method=method,
             method_options=method_options(method_option),
+            guidance_2=guidance_2,
+            cache=cache_settings(cache_device, cache_dtype),
         )
     )
 
@@ -532,6 +575,9 @@ def bench(
     ] = None,
     method_option: MethodOptionOpt = None,
     compile: CompileOpt = False,
+    guidance_2: Guidance2Opt = None,
+    cache_device: CacheDeviceOpt = None,
+    cache_dtype: CacheDtypeOpt = None,
 ) -> None:
     """Edit VIDEO with every method from the same inputs and compare their speed and fidelity with full."""
     # Every input check before the seconds-long import of torch and diffusers.
@@ -541,6 +587,8 @@ def bench(
             check_method(name.strip())
     options = method_options(method_option)
     guidance = _guidance(model, guidance)
+    check_guidance(guidance, guidance_2)
+    cache = cache_settings(cache_device, cache_dtype)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     prepared = prepare_for_model(model, video, mask, box, frames, height, width)
@@ -562,6 +610,8 @@ def bench(
         method_options=options,
         compile=compile,
         sources={"input video": video, "mask": mask},
+        guidance_2=guidance_2,
+        cache=cache,
     )
 
 
@@ -646,6 +696,9 @@ def sweep(
         Path | None, typer.Option(help="LPIPS weights (a state dict file); without it LPIPS is not computed.")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Sweep only the first N items of a dataset.")] = None,
+    guidance_2: Guidance2Opt = None,
+    cache_device: CacheDeviceOpt = None,
+    cache_dtype: CacheDtypeOpt = None,
 ) -> None:
     """Run each method over a grid of its own knob on one clip or a dataset, and plot PSNR in the mask against
     FLOPs share and speedup (one curve per method, mean over clips)."""
@@ -654,6 +707,9 @@ def sweep(
         check_method(name)
     grids = parse_grids(grid or [], METHOD_NAMES)
     options = method_options(method_option)
+    guidance = _guidance(model, guidance)
+    check_guidance(guidance, guidance_2)
+    cache = cache_settings(cache_device, cache_dtype)
     if prompt is not None:
         check_prompt(prompt)
     if out.exists() and not out.is_dir():
@@ -662,8 +718,9 @@ def sweep(
 
     sweep_main(source, mask, box, prompt, out=out, methods=methods, grids=grids, method_options=options, model=model,
                layout=layout, steps=default_steps(model) if steps is None else steps, frames=frames, height=height,
-               width=width, seed=seed, guidance=_guidance(model, guidance), negative_prompt=negative_prompt,
-               device=device, dtype=dtype, compile=compile, lpips_weights=lpips_weights, limit=limit)
+               width=width, seed=seed, guidance=guidance, negative_prompt=negative_prompt, device=device,
+               dtype=dtype, compile=compile, lpips_weights=lpips_weights, limit=limit, guidance_2=guidance_2,
+               cache=cache)
 
 
 @app.command()
@@ -735,14 +792,21 @@ def evaluate(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items.")] = None,
     method_option: MethodOptionOpt = None,
+    guidance_2: Guidance2Opt = None,
+    cache_device: CacheDeviceOpt = None,
+    cache_dtype: CacheDtypeOpt = None,
 ) -> None:
     """Run methods over a dataset of (video, mask, prompt) items and tabulate quality against references."""
     options = method_options(method_option)
+    guidance = _guidance(model, guidance)
+    check_guidance(guidance, guidance_2)
+    cache = cache_settings(cache_device, cache_dtype)
     from hetcache.evaluate import eval_main
 
     eval_main(dataset=dataset, layout=layout, methods=methods, model=model, steps=steps, out=out, frames=frames,
-              height=height, width=width, seed=seed, guidance=_guidance(model, guidance), device=device,
-              dtype=dtype, lpips_weights=lpips_weights, i3d_weights=i3d_weights, limit=limit, method_options=options)
+              height=height, width=width, seed=seed, guidance=guidance, device=device, dtype=dtype,
+              lpips_weights=lpips_weights, i3d_weights=i3d_weights, limit=limit, method_options=options,
+              guidance_2=guidance_2, cache=cache)
 
 
 @app.command()
@@ -765,14 +829,17 @@ def analyze(
     preset: Annotated[str, typer.Option(help="HetCache preset whose plan is drawn.")] = "hetcache-slow",
     delta: Annotated[float | None, typer.Option(help="Threshold instead of the preset's budget.")] = None,
     budget: Annotated[float | None, typer.Option(help="FLOPs budget instead of the preset's.")] = None,
+    guidance_2: Guidance2Opt = None,
 ) -> None:
     """Per-step plan signal, last-block attention maps and attention mass per token class, as JSON and figures."""
     check_prompt(prompt)
+    guidance = _guidance(model, guidance)
+    check_guidance(guidance, guidance_2)
     from hetcache.analysis import analyze_main
 
     analyze_main(video=video, mask=mask, box=box, prompt=prompt, model=model, steps=steps, frames=frames,
-                 height=height, width=width, seed=seed, guidance=_guidance(model, guidance), device=device,
-                 dtype=dtype, out=out, preset=preset, delta=delta, budget=budget, negative_prompt=negative_prompt)
+                 height=height, width=width, seed=seed, guidance=guidance, device=device, dtype=dtype, out=out,
+                 preset=preset, delta=delta, budget=budget, negative_prompt=negative_prompt, guidance_2=guidance_2)
 
 
 def main() -> None:

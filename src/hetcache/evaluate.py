@@ -67,6 +67,8 @@ from hetcache.pipeline import (
 from hetcache.runner import (
     REFERENCE,
     WARMUP_STEPS,
+    cache_options,
+    check_fit,
     describe_failure,
     fit_scheduler,
     initial_latents,
@@ -454,7 +456,8 @@ def evaluate_item(pipe: Any, item: Item, loaded: LoadedItem, ctx: _Context, fold
     num_frames, height, width = loaded.mask.shape
     latents = initial_latents(pipe, num_frames, height, width, ctx.seed)
     # Inpainting items were greyed by `load_item`; editing items go in as they are.
-    common = dict(negative_prompt="", guidance=ctx.guidance, seed=ctx.seed, latents=latents, hide_masked=False)
+    common = dict(negative_prompt="", guidance=ctx.guidance, seed=ctx.seed, latents=latents, hide_masked=False,
+                  guidance_2=ctx.key.get("guidance_2"))
     rows, skipped, outputs, features = [], [], {}, {}
     if ctx.i3d is not None and loaded.ground_truth is not None:
         features[GROUND_TRUTH] = ctx.i3d(loaded.ground_truth)
@@ -617,7 +620,8 @@ def _header(settings: dict[str, Any], title: str) -> list[str]:
     s = settings
     return [
         f"# hetcache eval: {title}", "",
-        f"{s['dataset']} ({s['layout']}), {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']}, "
+        f"{s['dataset']} ({s['layout']}), {s['steps']} steps, guidance {s['guidance']:g}"
+        + ("" if s.get("guidance_2") is None else f" (second expert {s['guidance_2']:g})") + f", seed {s['seed']}, "
         f"{s['device']}/{s['dtype']}, model {s['model']}.", "",
         "Scores of each method's raw output: `GT` against the ground truth (inpainting items only), `full` against "
         "the `full` method's output. PSNR (dB): the mean over frames of each frame's PSNR (pooled PSNRs are in the "
@@ -685,13 +689,18 @@ def eval_main(
     i3d_weights: Path | str | None,
     limit: int | None,
     method_options: dict[str, dict[str, Any]] | None = None,
+    guidance_2: float | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`hetcache eval`: every method on every item of a dataset; resumes finished items; writes per-item and
-    aggregate tables into `out`. `method_options` ({method: {option: value}}) go to the methods' configs.
+    aggregate tables into `out`. `method_options` ({method: {option: value}}) go to the methods' configs, `cache`
+    ({"cache_device", "cache_dtype"}) to every HetCache method's; `guidance_2` is a two-expert pipeline's second
+    guidance. An item whose HetCache caches fit neither the device nor the host fails before it denoises.
     Returns aggregate.json's content."""
     names = bench.parse_methods(methods)
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
+    method_options = cache_options(names, method_options, cache)
     configs = method_configs(names, steps=steps, options=method_options)
     if limit is not None and limit < 1:
         raise UserError(f"limit must be at least 1, got {limit}")
@@ -710,7 +719,7 @@ def eval_main(
     i3d = I3D.from_file(i3d_weights, torch_device) if i3d_weights else None
     key = {
         "dataset": str(Path(dataset).resolve()), "layout": layout, "model": model, "steps": steps, "frames": frames, "height": height, "width": width,
-        "seed": seed, "guidance": guidance, "device": torch_device.type,
+        "seed": seed, "guidance": guidance, "guidance_2": guidance_2, "device": torch_device.type,
         "dtype": str(torch_dtype).removeprefix("torch."), "band_px": BAND_PX,
         "lpips": str(lpips_weights) if lpips_weights else None, "i3d": str(i3d_weights) if i3d_weights else None,
         "method_options": method_options or {},
@@ -739,7 +748,13 @@ def eval_main(
             continue
         _say(f"{item.id} ({item.task}, {'ground truth' if loaded.ground_truth is not None else 'no ground truth'})")
         if pipe is None:
-            pipe = _load(model, torch_device, torch_dtype, loaded, item.prompt)
+            pipe = _load(model, torch_device, torch_dtype, loaded, item.prompt, guidance_2)
+        try:
+            check_fit(pipe, configs, *loaded.mask.shape, guidance)
+        except UserError as error:
+            failed.append({"item": item.id, "reason": str(error)})
+            _say(f"{item.id}: failed: {error}")
+            continue
         fit_scheduler(pipe, *loaded.mask.shape[1:])
         try:
             records.append(evaluate_item(pipe, item, loaded, ctx, folder, item_fingerprint))
@@ -764,11 +779,13 @@ def _restrict(record: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
             "skipped": [s for s in record["skipped"] if s["method"] in names]}
 
 
-def _load(model: str, device: torch.device, dtype: torch.dtype, first: LoadedItem, prompt: str) -> Any:
-    """Load the pipeline and make one untimed 1-step run (lazy initialisation, as `hetcache bench` does)."""
+def _load(model: str, device: torch.device, dtype: torch.dtype, first: LoadedItem, prompt: str,
+          guidance_2: float | None) -> Any:
+    """Load the pipeline and make one untimed 1-step run (lazy initialisation, as `hetcache bench` does; a
+    `guidance_2` for a pipeline with one expert ends the evaluation here)."""
     _, height, width = first.mask.shape
     pipe = load_pipeline(model, device, dtype, height=height, width=width)
-    run_edit(pipe, first.video, first.mask, prompt, steps=WARMUP_STEPS, hide_masked=False)
+    run_edit(pipe, first.video, first.mask, prompt, steps=WARMUP_STEPS, hide_masked=False, guidance_2=guidance_2)
     return pipe
 
 

@@ -26,8 +26,9 @@ import hetcache
 from hetcache import compat
 from hetcache.config import HetCacheConfig
 from hetcache.errors import UserError
+from hetcache.memory import MemoryEstimate, estimate_memory, fit
 from hetcache.methods import check_method_name, check_options, method_config
-from hetcache.pipeline import default_flow_shift, run_edit
+from hetcache.pipeline import MAX_SEQUENCE_LENGTH, default_flow_shift, experts, run_edit
 
 REFERENCE = "full"
 WARMUP_STEPS = 1  # one untimed run of the plain pipeline pays for lazy initialisation (CUDA context, allocator)
@@ -76,21 +77,67 @@ def method_configs(
     return configs
 
 
+def cache_options(names: Sequence[str], options: dict[str, dict[str, Any]] | None,
+                  cache: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """`options` with the cache settings `cache` (`--cache-device`, `--cache-dtype`: {"cache_device": ...,
+    "cache_dtype": ...}) added for every HetCache engine method among `names` (HetCache and TeaCache); a key the
+    user set for one method with `--method-option` keeps that value. Cache settings with no such method to apply
+    to are a UserError."""
+    options = {name: dict(given) for name, given in (options or {}).items()}
+    cache = {key: value for key, value in (cache or {}).items() if value is not None}
+    if not cache:
+        return options
+    engine_methods = [name for name in dict.fromkeys(names)
+                      if isinstance(method_config(check_method_name(name)), HetCacheConfig)]
+    if not engine_methods:
+        flags = " and ".join(f"--{key.replace('_', '-')}" for key in cache)
+        raise UserError(f"{flags} set HetCache's cache, and no HetCache method runs ({', '.join(names)}): drop "
+                        f"{'them' if len(cache) > 1 else 'it'} or run hetcache, hetcache-slow or hetcache-fast")
+    for name in engine_methods:
+        options[name] = {**cache, **options.get(name, {})}
+    return options
+
+
+def check_fit(pipe: Any, configs: Sequence[tuple[str, Any]], num_frames: int, height: int, width: int,
+              guidance: float) -> dict[str, tuple[MemoryEstimate, str]]:
+    """Before denoising: each HetCache engine config's cache estimate for this video and where it goes ("device"
+    or "host", `memory.fit`), {name: (estimate, where)}. A cache that fits nowhere is `fit`'s one-line UserError,
+    naming the ways out (--cache-device cpu, --cache-dtype float8_e4m3fn, fewer frames, a smaller size). Two
+    experts hold one expert's caches at a time (the first's are freed at the switch)."""
+    transformer = pipe.transformer
+    device = compat.execution_device(pipe)
+    text_len = min(MAX_SEQUENCE_LENGTH, int(getattr(pipe.tokenizer, "model_max_length", MAX_SEQUENCE_LENGTH)))
+    branches = 2 if guidance > 1 else 1
+    found = {}
+    for name, config in configs:
+        if isinstance(config, HetCacheConfig):
+            estimate = estimate_memory(transformer, num_frames, height, width, config, dtype=transformer.dtype,
+                                       text_len=text_len, branches=branches)
+            found[name] = (estimate, fit(estimate, device, config.cache_device)[0])
+    return found
+
+
+def describe_fit(estimate: MemoryEstimate, where: str, device: Any) -> str:
+    """'cache 0.12 GiB (...) on cuda:0' or '... on the host'."""
+    return f"{estimate.describe()} on {'the host' if where == 'host' else device}"
+
+
 def compile_blocks(pipe: Any) -> None:
-    """`torch.compile` every main and VACE block's forward of `pipe.transformer`, once (later calls do nothing).
+    """`torch.compile` every main and VACE block's forward of the pipeline's transformers (both experts of a
+    two-expert pipeline), once (later calls do nothing).
 
     The compiled forward replaces the block's `forward` before any method attaches, so the stock pipeline and
     every method's hooks call the same compiled block (hooks wrap it and call it as the original forward)."""
-    transformer = pipe.transformer
-    if getattr(transformer, _COMPILED_FLAG, False):
-        return
     # dynamo keeps a few variants of each compiled function before it falls back to eager: VACE block 0 (with
     # proj_in) differs from the other VACE blocks, and hooks inside a block (PAB's attention hooks) are traced
     # into it, one variant per broadcast pattern. Room for those, so that no block silently runs eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
-    for block in [*transformer.blocks, *transformer.vace_blocks]:
-        block.forward = torch.compile(block.forward)
-    setattr(transformer, _COMPILED_FLAG, True)
+    for transformer in experts(pipe):
+        if getattr(transformer, _COMPILED_FLAG, False):
+            continue
+        for block in [*transformer.blocks, *transformer.vace_blocks]:
+            block.forward = torch.compile(block.forward)
+        setattr(transformer, _COMPILED_FLAG, True)
 
 
 def fit_scheduler(pipe: Any, height: int, width: int) -> None:

@@ -56,6 +56,8 @@ from hetcache.pipeline import (
 from hetcache.runner import (
     REFERENCE,
     WARMUP_STEPS,
+    cache_options,
+    check_fit,
     compile_blocks,
     describe_failure,
     fit_scheduler,
@@ -191,6 +193,7 @@ class SweepSettings:
     lpips: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    guidance_2: float | None = None  # a two-expert pipeline's second guidance (None: the same as `guidance`)
 
 
 def _safe(text: str) -> str:
@@ -248,6 +251,8 @@ def run_sweep(
     total = len(clips) * (1 + len(runnable))
     with tqdm(total=total, desc="sweep", unit="run", file=sys.stderr, disable=not show_bar) as bar:
         for clip in clips:
+            check_fit(pipe, [(p.label, point_config(p, settings)) for p in runnable], *clip.mask.shape,
+                      settings.guidance)
             state = _open_clip(pipe, clip, settings, out)
             reference = _reference(pipe, state, settings, started, say)
             bar.update(1)
@@ -272,7 +277,7 @@ def _open_clip(pipe: Any, clip: SweepClip, settings: SweepSettings, out: Path) -
     fit_scheduler(pipe, *clip.mask.shape[1:])
     latents = initial_latents(pipe, *clip.mask.shape, settings.seed)
     common = {"negative_prompt": settings.negative_prompt, "guidance": settings.guidance, "seed": settings.seed,
-              "latents": latents}
+              "latents": latents, "guidance_2": settings.guidance_2}
     return _Clip(clip, _clip_dir(out, clip), common)
 
 
@@ -283,8 +288,11 @@ def point_config(point: Point, settings: SweepSettings) -> Any:
 
 
 def _key(settings: SweepSettings, clip: SweepClip, method: str, config: Any) -> dict[str, Any]:
-    return {"settings": dataclasses.asdict(settings), "clip": clip.id, "clip_digest": clip.digest(),
-            "method": method, "config": config.to_dict()}
+    shared = dataclasses.asdict(settings)
+    if shared["guidance_2"] is None:  # absent, as in the keys of sweeps stored before it existed
+        del shared["guidance_2"]
+    return {"settings": shared, "clip": clip.id, "clip_digest": clip.digest(), "method": method,
+            "config": config.to_dict()}
 
 
 def _digest(key: dict[str, Any]) -> str:
@@ -466,9 +474,11 @@ def results_markdown(results: dict[str, Any]) -> str:
     """The sweep as Markdown: settings, the clips, one row per point (means over clips), the per-clip PSNRs."""
     s, clips = results["settings"], results["clips"]
     mode = "compiled (reference and every method)" if s["compile"] else "eager"
+    guidance = f"guidance {s['guidance']:g}" + (f" (second expert {s['guidance_2']:g})"
+                                                 if s.get("guidance_2") is not None else "")
     lines = [
         "# hetcache sweep", "",
-        (f"{len(clips)} clip(s), model {s['model']}, {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']}, "
+        (f"{len(clips)} clip(s), model {s['model']}, {s['steps']} steps, {guidance}, seed {s['seed']}, "
         f"{s['device']}/{s['dtype']}, {mode}. Every run starts from the same initial latents as its clip's `full`."),
         "",
         ("Fidelity against `full` on the same clip: PSNR (dB) inside the mask as the mean over frames of each "
@@ -646,15 +656,18 @@ def sweep_main(
     compile: bool = False,
     lpips_weights: Path | str | None = None,
     limit: int | None = None,
+    guidance_2: float | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`hetcache sweep`: check everything, load the clips and the model, run the sweep, print the report."""
+    """`hetcache sweep`: check everything, load the clips and the model, run the sweep, print the report.
+    `cache` ({"cache_device", "cache_dtype"}) is set at every point of the HetCache methods."""
     names = [n.strip() for n in methods.split(",") if n.strip()]
     names = list(DEFAULT_METHODS) if names in ([], ["all"]) else names
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
     if limit is not None and limit < 1:
         raise UserError(f"limit must be at least 1, got {limit}")
-    points = grid_points(names, grids, method_options)
+    points = grid_points(names, grids, cache_options(names, method_options, cache))
     for point in points:  # option errors before anything loads
         point_config(point, SweepSettings(model=model, steps=steps, compile=compile))
     out = Path(out)
@@ -672,7 +685,8 @@ def sweep_main(
     lpips = LPIPS.from_file(lpips_weights, torch_device) if lpips_weights else None
     settings = SweepSettings(model=model, steps=steps, seed=seed, guidance=guidance, negative_prompt=negative_prompt,
                              compile=compile, lpips=str(lpips_weights) if lpips_weights else None,
-                             device=torch_device.type, dtype=str(torch_dtype).removeprefix("torch."))
+                             device=torch_device.type, dtype=str(torch_dtype).removeprefix("torch."),
+                             guidance_2=guidance_2)
     results = run_sweep(pipe, clips, points, settings, out, lpips=lpips,
                         progress=lambda line: tqdm.write(line, file=sys.stderr))
     print(results_markdown(results), end="")
