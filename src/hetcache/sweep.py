@@ -239,8 +239,9 @@ def run_sweep(
         raise UserError(f"output {out} is a file: give a folder")
     if not clips:
         raise UserError("no clip to sweep")
-    for point in points:  # every option checked before anything runs
-        point_config(point, settings)
+    configs = [(point.label, point_config(point, settings)) for point in points]  # options checked before any run
+    for clip in clips:  # every cache fits, before anything denoises
+        check_fit(pipe, configs, *clip.mask.shape, settings.guidance)
     out.mkdir(parents=True, exist_ok=True)
     skipped = [{"method": m, "reason": r} for m in dict.fromkeys(p.method for p in points)
                if (r := unavailable_reason(m)) is not None]
@@ -251,8 +252,6 @@ def run_sweep(
     total = len(clips) * (1 + len(runnable))
     with tqdm(total=total, desc="sweep", unit="run", file=sys.stderr, disable=not show_bar) as bar:
         for clip in clips:
-            check_fit(pipe, [(p.label, point_config(p, settings)) for p in runnable], *clip.mask.shape,
-                      settings.guidance)
             state = _open_clip(pipe, clip, settings, out)
             reference = _reference(pipe, state, settings, started, say)
             bar.update(1)
