@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from hetcache import files
 from hetcache.cli import app
 from hetcache.runner import timing_note
-from hetcache.video import prepare_inputs, read_frames, write_mask_video, write_video
+from hetcache.video import prepare_inputs, read_frames, write_mask_video
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = ["--model", "tiny-random", "--steps", "2", "--device", "cpu"]

@@ -34,15 +34,15 @@ from diffusers.hooks.hooks import BaseState, StateManager
 import hetcache
 from hetcache import compat, files, plan, select, tokens
 from hetcache import video as vio
+from hetcache.api import experts_of
 from hetcache.config import HetCacheConfig
 from hetcache.core import call_argument
 from hetcache.errors import UserError
 from hetcache.methods import method_config
-from hetcache.api import experts_of
 from hetcache.pipeline import (
     MAX_SEQUENCE_LENGTH,
     check_prompt,
-    experts as pipeline_experts,
+    experts,
     load_pipeline,
     prepare_for_model,
     preview_timesteps,
@@ -85,12 +85,12 @@ def plan_signal(pipe: Any, steps: int, config: HetCacheConfig, partition: tokens
     transformer = pipe.transformer
     text_len = min(MAX_SEQUENCE_LENGTH, int(pipe.tokenizer.model_max_length))
     timesteps = preview_timesteps(pipe.scheduler, steps)
-    experts = experts_of(pipe)  # two experts: each step's signal from the expert that runs it
-    switch = None if experts is None else experts.switch(timesteps)
+    pair = experts_of(pipe)  # two experts: each step's signal from the expert that runs it
+    switch = None if pair is None else pair.switch(timesteps)
     letters, delta, notes = resolve_plan(transformer, config, partition, text_len, timesteps=timesteps,
-                                         num_steps=steps, experts=experts)
+                                         num_steps=steps, experts=pair)
     coefficients = plan.TEACACHE_WAN21_COEFFICIENTS.get(plan.model_family(transformer.config) or "")
-    distances = plan.model_distances(transformer, timesteps, experts)
+    distances = plan.model_distances(transformer, timesteps, pair)
     teacache = None
     if delta is not None:
         teacache = plan.plan_from_distances(distances, delta, kappa=1.0, warmup_steps=config.warmup_steps,
@@ -217,12 +217,12 @@ def analyze(pipe: Any, video: np.ndarray, mask: np.ndarray, prompt: str, *, step
     signal = plan_signal(pipe, steps, dataclasses.replace(config, step_fraction=1.0), partition)
 
     hetcache.disable(pipe)
-    probes = [attach_probe(expert, partition, query_frame) for expert in pipeline_experts(pipe)]
+    probes = [attach_probe(expert, partition, query_frame) for expert in experts(pipe)]
     try:
         run_edit(pipe, video, mask, prompt, steps=steps, guidance=guidance, seed=seed, negative_prompt=negative_prompt,
                  guidance_2=guidance_2)
     finally:
-        for expert in pipeline_experts(pipe):
+        for expert in experts(pipe):
             detach_probe(expert)
     expert_of_step = [index for index, probe in enumerate(probes) for _ in probe.records]  # in the order they ran
     seen = [record for probe in probes for record in probe.records]

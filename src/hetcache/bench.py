@@ -39,6 +39,7 @@ from hetcache import compat, files, flops, plan, tokens
 from hetcache import video as vio
 from hetcache.config import HetCacheConfig
 from hetcache.errors import UserError
+from hetcache.memory import estimate_memory
 from hetcache.methods import (
     METHOD_NAMES,
     check_method_name,
@@ -51,7 +52,6 @@ from hetcache.methods import (
 from hetcache.methods.pab import PABConfig, broadcast_steps
 from hetcache.methods.simple import FewerStepsConfig, FullConfig
 from hetcache.metrics import BAND_PX, FIDELITY_KEYS, LPIPS, fidelity
-from hetcache.memory import estimate_memory
 from hetcache.pipeline import (
     MAX_FRAMES_ROPE,
     check_prompt,

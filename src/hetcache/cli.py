@@ -38,8 +38,8 @@ from hetcache.pipeline import (
     check_guidance,
     check_prompt,
     default_guidance,
-    is_two_expert,
     default_steps,
+    is_two_expert,
     load_pipeline,
     prepare_for_model,
     resolve_device,
@@ -309,7 +309,7 @@ def run_request(request: EditRequest) -> None:
               f"{prepared.fps:g} fps")
     if not prepared.mask.any():
         _write_outputs(request, prepared, prepared.video, [
-            source, f"method   none: the mask is empty, so there is nothing to edit (no model loaded)",
+            source, "method   none: the mask is empty, so there is nothing to edit (no model loaded)",
         ], "the input, unchanged")
         return
 
@@ -349,7 +349,7 @@ def _experts_line(pipe: Any, steps: int) -> list[str]:
     switch = hetcache.expert_switch(pipe, steps)
     if switch is None:
         return [f"experts  transformer for all {steps} steps (transformer_2 ran none)"]
-    first = "" if not switch else "transformer for step 0, " if switch == 1 else f"transformer for steps 0-{switch - 1}, "
+    first = {0: "", 1: "transformer for step 0, "}.get(switch, f"transformer for steps 0-{switch - 1}, ")
     return [f"experts  {first}transformer_2 from step {switch} of {steps}"]
 
 
@@ -777,7 +777,9 @@ def evaluate(
     methods: MethodsOpt = BENCH_METHODS,
     model: ModelOpt = DEFAULT_MODEL,
     steps: StepsOpt = 50,
-    frames: Annotated[int | None, typer.Option(help="Frames per item (4k+1); default as many as fit, up to 81.")] = None,
+    frames: Annotated[
+        int | None, typer.Option(help="Frames per item (4k+1); default as many as fit, up to 81.")
+    ] = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
     seed: SeedOpt = 0,

@@ -718,7 +718,8 @@ def eval_main(
     lpips = LPIPS.from_file(lpips_weights, torch_device) if lpips_weights else None
     i3d = I3D.from_file(i3d_weights, torch_device) if i3d_weights else None
     key = {
-        "dataset": str(Path(dataset).resolve()), "layout": layout, "model": model, "steps": steps, "frames": frames, "height": height, "width": width,
+        "dataset": str(Path(dataset).resolve()), "layout": layout, "model": model, "steps": steps, "frames": frames,
+        "height": height, "width": width,
         "seed": seed, "guidance": guidance, "guidance_2": guidance_2, "device": torch_device.type,
         "dtype": str(torch_dtype).removeprefix("torch."), "band_px": BAND_PX,
         "lpips": str(lpips_weights) if lpips_weights else None, "i3d": str(i3d_weights) if i3d_weights else None,

@@ -118,7 +118,8 @@ def is_stale(path: Path) -> bool:
     return match["pid"] is None or not _alive(int(match["pid"]))
 
 
-def remove_stale(folder: str | os.PathLike, *, names: Iterable[str] | None = None, recursive: bool = False) -> list[Path]:
+def remove_stale(folder: str | os.PathLike, *, names: Iterable[str] | None = None,
+                 recursive: bool = False) -> list[Path]:
     """Remove the temporary files that killed processes left in `folder` (in its subfolders too with
     `recursive`; only those of the targets `names` when given). Returns what was removed."""
     folder = Path(folder)

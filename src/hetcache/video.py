@@ -161,7 +161,8 @@ class _Count:
     value: int = 0
 
 
-def _decoded(container: av.container.InputContainer, stream: av.VideoStream, packets: _Count) -> Iterator[av.VideoFrame]:
+def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
+             packets: _Count) -> Iterator[av.VideoFrame]:
     """The stream's frames, counting the packets the demuxer found (the last, empty one only flushes)."""
     for packet in container.demux(stream):
         if packet.size:
