@@ -100,8 +100,9 @@ def test_markdown_and_progress_name_every_method(bench):
     report = (out / "results.md").read_text()
     for method in results["methods"]:
         assert f"| `{method['name']}` |" in report
-    assert len(lines) == len(results["methods"]) + len(results["skipped"])
-    assert [line.split()[0] for line in lines][:4] == ["full", "fewer-steps", "pab", "diffusers-fbc"]
+    rows = [line for line in lines if not line.startswith("warning: ")]  # speedup warnings depend on the timing
+    assert len(rows) == len(results["methods"]) + len(results["skipped"])
+    assert [line.split()[0] for line in rows][:4] == ["full", "fewer-steps", "pab", "diffusers-fbc"]
 
 
 def test_methods_share_inputs_seed_and_latents(bench):
@@ -313,7 +314,7 @@ def test_plan_of_two_experts_shows_the_switch_of_every_row(capsys):
     pipe = build_tiny_random_pipeline(two_experts=True)
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:4]}
     assert list(rows) == ["full", "hetcache-fast", "pab"]
-    for name, fields in rows.items():
+    for fields in rows.values():
         letters, switch = fields[2], int(fields[-1])
         assert fields[-4:-1] == ["switch", "at", "step"]
         assert switch == hetcache.expert_switch(pipe, len(letters)) and letters[switch] == "F"

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
-import pathlib
 import resource
 import shutil
 import signal
@@ -83,6 +83,7 @@ def commands(clip_files, dataset: Path, out: Path) -> dict[str, list]:
         "analyze": ["analyze", *edit_args, "--out", out, *TINY],
         "eval": ["eval", "--dataset", dataset, "--methods", "full", "--out", out, *TINY],
         "demo": ["demo", "--out", out, *TINY],
+        "calibrate": ["calibrate", *edit_args, "--search", "quick", "--target", "flops=1", "--out", out, *TINY],
     }
 
 
@@ -113,7 +114,7 @@ def test_bench_never_writes_over_its_input(clip_files, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ items 2-4
-@pytest.mark.parametrize("command", ["edit", "bench", "sweep", "analyze", "eval", "demo"])
+@pytest.mark.parametrize("command", ["edit", "bench", "sweep", "analyze", "eval", "demo", "calibrate"])
 def test_a_full_disk_is_found_before_any_model_loads(command, clip_files, dataset, tmp_path, monkeypatch):
     no_model(monkeypatch)
     real = os.statvfs
@@ -127,23 +128,68 @@ def test_a_full_disk_is_found_before_any_model_loads(command, clip_files, datase
     assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
 
 
-def test_a_disk_that_fills_up_while_writing_leaves_no_cut_file(clip_files, tmp_path, monkeypatch):
-    out = tmp_path / "bench"
-    real = pathlib.Path.write_bytes
+class _FillsUp:
+    """A file handle on a disk that fills up after `room` bytes: later writes fail with ENOSPC. No fileno, so
+    that writers (PIL) cannot go around it."""
 
-    def fills_up(path, data):
-        if "results.json" in path.name:
-            real(path, data[:4096])
+    def __init__(self, handle, room: int) -> None:
+        self._handle, self._room = handle, room
+
+    def write(self, data) -> int:
+        data = data if isinstance(data, (str, bytes)) else bytes(data)
+        if len(data) > self._room:
+            self._handle.write(data[: self._room])
+            self._room = 0
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data)
+        self._room -= len(data)
+        return self._handle.write(data)
 
-    monkeypatch.setattr(pathlib.Path, "write_bytes", fills_up)
-    result = invoke("bench", *clip_files[:1], "--mask", clip_files[1], "-p", "x", "--methods", "full", "--out", out,
-                    *TINY)
-    assert result.exit_code == 2 and result.stderr.splitlines()[-1].startswith(f"error: cannot write {out}"), \
-        result.stderr
-    assert "disk full" in result.stderr and "Traceback" not in result.output
-    assert not (out / "results.json").exists() and not list(out.glob(".*.part"))
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+
+def _disk_fills_up_writing(monkeypatch, name: str, room: int) -> None:
+    """Every write of a file named `name` (or of its temporary file) meets a full disk after `room` bytes,
+    whichever library opens it (pathlib, matplotlib, PIL)."""
+    real = io.open
+
+    def opening(file, mode="r", *args, **kwargs):
+        handle = real(file, mode, *args, **kwargs)
+        if "w" in mode and isinstance(file, (str, os.PathLike)) and (Path(file).name == name or Path(file).name.startswith(f".{name}.")):
+            return _FillsUp(handle, room)
+        return handle
+
+    monkeypatch.setattr(io, "open", opening)
+    monkeypatch.setattr("builtins.open", opening)
+
+
+@pytest.mark.parametrize(("command", "name"), [
+    ("bench", "results.json"), ("bench", "results.csv"), ("bench", "results.md"), ("bench", "pareto.png"),
+    ("analyze", "analysis.json"), ("analyze", "analysis.png"), ("analyze", "mass_by_class.png"),
+])
+def test_a_disk_that_fills_up_while_writing_leaves_no_cut_file(command, name, clip_files, dataset, tmp_path,
+                                                               monkeypatch):
+    """Item 2: results and figures of bench and analyze are written whole or not at all."""
+    out = tmp_path / "out"
+    room = 0 if name == "results.csv" else 64  # the issue's empty results.csv, and files cut short
+    _disk_fills_up_writing(monkeypatch, name, room)
+    result = invoke(*commands(clip_files, dataset, out)[command])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1] == (f"error: cannot write {out / name}: disk full: free some space or "
+                                              "write to another disk"), result.stderr
+    assert "Traceback" not in result.output
+    assert not (out / name).exists() and not list(out.rglob("*.part"))
+    for path in out.glob("*.json"):  # what was written before the disk filled up is whole
+        json.loads(path.read_text())
 
 
 def _limited(size: int):
@@ -158,7 +204,7 @@ def test_a_write_cut_short_by_the_system_ends_in_one_line_and_no_part(clip_files
     out = tmp_path / "bench"
     done = subprocess.run([*CLI, "bench", clip_files[0], "--mask", clip_files[1], "-p", "x", "--methods", "full",
                            "--out", out, *TINY], capture_output=True, text=True, env=ENV, timeout=600,
-                          preexec_fn=_limited(20_000))
+                          preexec_fn=_limited(20_000), check=False)
     assert done.returncode == 2, done.stderr
     last = done.stderr.splitlines()[-1]
     assert last.startswith(f"error: cannot write {out}/") and "larger than this process may write" in last
@@ -171,25 +217,44 @@ def test_a_write_cut_short_by_the_system_ends_in_one_line_and_no_part(clip_files
     assert not (out / "side_by_side.mp4").exists() or read_frames(out / "side_by_side.mp4").frames.size
 
 
-def test_leftovers_of_a_killed_run_are_removed_by_the_next(clip_files, tmp_path):
-    out = tmp_path / "bench"
-    out.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    left = [out / f".results.json.{dead}-0123abcd.part", out / f".pareto.png.{dead}-89abcdef.part"]
-    for path in left:
-        path.write_bytes(b"cut")
-    result = invoke("bench", clip_files[0], "--mask", clip_files[1], "-p", "x", "--methods", "full", "--out", out,
-                    *TINY)
+def _killed_while_writing(target: Path) -> Path:
+    """The temporary file a process left when it was killed (SIGKILL) while writing `target`."""
+    code = ("import os, signal, sys\nfrom hetcache import files\n"
+            "with files.atomic_path(sys.argv[1]) as temp:\n"
+            "    temp.write_bytes(b'cut')\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(target)], env=ENV, capture_output=True, timeout=120,
+                          check=False)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    (left,) = target.parent.glob(f".{target.name}.*.part")
+    return left
+
+
+# (command, where it writes: the leftovers' targets, relative to its output folder)
+KILLED = [("edit", ["o.mp4"]), ("bench", ["results.json", "pareto.png"]), ("analyze", ["analysis.json"]),
+          ("sweep", ["results.json", "runs/clip/old-0123456789.json"]),
+          ("eval", ["aggregate.json", "items/clip0/result.json"]), ("calibrate", ["front.json", "search/results.json"])]
+
+
+@pytest.mark.parametrize(("command", "targets"), KILLED, ids=[c for c, _ in KILLED])
+def test_leftovers_of_a_killed_writer_are_removed_by_the_next_run(command, targets, clip_files, dataset,
+                                                                   tmp_path):
+    """Item 4: a process killed during a write leaves `.NAME.<pid>-<hex>.part`; the next run removes it."""
+    out = tmp_path / "out"
+    left = [_killed_while_writing(out / target) for target in targets]
+    alive = out / f".{Path(targets[0]).name}.{os.getpid()}-89abcdef.part"  # a writer still running: kept
+    alive.write_bytes(b"busy")
+    result = invoke(*commands(clip_files, dataset, out)[command])
     assert result.exit_code == 0, result.output
-    assert f"note: removed 2 temporary files that an interrupted run left in {out}" in result.stderr
-    assert not any(path.exists() for path in left) and not list(out.glob(".*.part"))
+    assert not any(path.exists() for path in left) and alive.exists()
+    if command != "edit":  # the folder commands say what they removed; edit removes its own file's leftovers
+        count = f"{len(left)} temporary file{'s' * (len(left) > 1)}"
+        assert f"note: removed {count} that an interrupted run left in {out}" in result.stderr
 
 
 def _private_tmpfs_works() -> bool:
     try:
         done = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                              capture_output=True, timeout=30)
+                              capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.SubprocessError):
         return False
     return done.returncode == 0
@@ -208,7 +273,7 @@ def run_on_tmpfs(tmp_path: Path, args: list, *, full: bool = False, read_only: b
         script += f"mount -o remount,ro {disk} || exit 99\n"
     script += '"$@"; code=$?\n' + f"ls -A {disk} > {listing}\nexit $code\n"
     done = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *CLI, *map(str, args)], capture_output=True,
-                          text=True, env=ENV, timeout=600)
+                          text=True, env=ENV, timeout=600, check=False)
     return done, listing.read_text().split()
 
 
@@ -223,6 +288,46 @@ def test_real_full_and_read_only_disks(command, disk, clip_files, dataset, tmp_p
     assert done.stderr.splitlines()[-1].startswith("error: cannot write ") and expected in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "denoising" not in done.stderr
     assert held == (["fill"] if disk == "full" else [])
+
+
+# ------------------------------------------------------------------------------------------------ item 12
+class _RunsCode:
+    """A pickle whose loading would run code: it creates a file (the issue's crafted file ran a shell command)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+@pytest.mark.parametrize(("command", "option"), [("bench", "--lpips-weights"), ("sweep", "--lpips-weights"),
+                                                 ("eval", "--lpips-weights"), ("eval", "--i3d-weights")])
+def test_weights_that_would_run_code_are_refused_before_any_model_loads(command, option, clip_files, dataset,
+                                                                         tmp_path, monkeypatch):
+    import torch
+
+    no_model(monkeypatch)
+    marker, crafted = tmp_path / "code-ran", tmp_path / "crafted.pt"
+    torch.save({"weight": _RunsCode(marker)}, crafted)
+    before = snapshot(tmp_path)
+    result = invoke(*commands(clip_files, dataset, tmp_path / "out")[command], option, crafted)
+    assert_user_error(result, f"{crafted} is not a")
+    assert "state dict" in result.stderr and not marker.exists()
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--lpips-weights", "--i3d-weights"])
+def test_torchscript_weights_are_refused_and_not_run(option, clip_files, dataset, tmp_path, monkeypatch):
+    """TorchScript would run the file's code: there is no flag that loads it."""
+    import torch
+
+    no_model(monkeypatch)
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load was called"))
+    script = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
+    result = invoke(*commands(clip_files, dataset, tmp_path / "out")["eval"], option, script)
+    assert_user_error(result, f"{script} is a TorchScript file, not a")
 
 
 # ------------------------------------------------------------------------------------------------ items 6-9
@@ -244,7 +349,7 @@ def test_a_truncated_video_says_so(clip_files, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
-@pytest.mark.parametrize("command", ["edit", "bench", "sweep", "analyze", "eval", "demo"])
+@pytest.mark.parametrize("command", ["edit", "bench", "sweep", "analyze", "eval", "demo", "calibrate"])
 def test_non_finite_guidance_is_refused(command, value, clip_files, dataset, tmp_path, monkeypatch):
     no_model(monkeypatch)
     before = snapshot(tmp_path)

@@ -127,6 +127,7 @@ def run_bench(
     negative_prompt: str = "",
     fps: float = 16.0,
     lpips_weights: str | Path | None = None,
+    lpips: LPIPS | None = None,
     band_px: int = BAND_PX,
     method_options: dict[str, dict[str, Any]] | None = None,
     compile: bool = False,
@@ -139,7 +140,7 @@ def run_bench(
     `method_options` ({method: {option: value}}) go to the methods' configs, `cache` ({"cache_device",
     "cache_dtype"}) to every HetCache method's (`runner.cache_options`); `compile` compiles the reference and
     every method the same way (`runner.compile_blocks`). `guidance_2`: a two-expert pipeline's second guidance.
-    Before anything denoises, every HetCache cache must fit the device or the host (`runner.check_fit`)."""
+    `lpips`: the LPIPS model when the caller loaded `lpips_weights` already. Before anything denoises, every HetCache cache must fit the device or the host (`runner.check_fit`)."""
     say = progress or (lambda line: None)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -149,7 +150,8 @@ def run_bench(
     configs = method_configs(ordered, steps=steps, options=options, compile=compile)
     fits = check_fit(pipe, configs, *mask.shape, guidance)
     out.mkdir(parents=True, exist_ok=True)
-    lpips = LPIPS.from_file(lpips_weights, compat.execution_device(pipe)) if lpips_weights else None
+    if lpips is None and lpips_weights:
+        lpips = LPIPS.from_file(lpips_weights, compat.execution_device(pipe))
     latents = initial_latents(pipe, *mask.shape, seed)
     common = dict(negative_prompt=negative_prompt, guidance=guidance, seed=seed, latents=latents,
                   guidance_2=guidance_2)
@@ -535,11 +537,12 @@ def bench_main(
         print(f"note: {note}", file=sys.stderr)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    num_frames, height, width = prepared.mask.shape
+    lpips = LPIPS.from_file(lpips_weights, torch_device) if lpips_weights else None  # refused before the model
+    _, height, width = prepared.mask.shape
     pipe = load_pipeline(model, torch_device, torch_dtype, height=height, width=width)
     results = run_bench(
         pipe, prepared.video, prepared.mask, prompt, names, steps=steps, seed=seed, guidance=guidance,
-        out_dir=out, negative_prompt=negative_prompt, fps=prepared.fps, lpips_weights=lpips_weights,
+        out_dir=out, negative_prompt=negative_prompt, fps=prepared.fps, lpips_weights=lpips_weights, lpips=lpips,
         method_options=method_options, compile=compile, progress=lambda line: print(line, file=sys.stderr),
         guidance_2=guidance_2, cache=cache,
     )

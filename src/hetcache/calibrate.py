@@ -254,7 +254,9 @@ def calibrate_main(source: Path | str | None, mask: Path | str | None, box: str 
         clips, notes = default_clips(model)
     else:
         clips, notes = load_clips(source, mask, box, prompt, model, layout, frames, height, width, limit)
-    for note in notes:
+    files.check_output_folder(out, OUTPUT_FILES, {"input video": source if mask or box else None, "mask": mask})
+    notes.append(files.removed_note(files.remove_stale(out, recursive=True), out))
+    for note in filter(None, notes):
         tqdm.write(f"note: {note}", file=sys.stderr)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

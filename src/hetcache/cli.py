@@ -749,7 +749,7 @@ def calibrate(
     frames: FramesOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
-    seed: Annotated[int, typer.Option(help="Noise seed (the same initial latents for every run of a clip).")] = 0,
+    seed: SeedOpt = 0,
     guidance: ModelGuidanceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",

@@ -680,8 +680,8 @@ def sweep_main(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     _, first_height, first_width = clips[0].mask.shape
+    lpips = LPIPS.from_file(lpips_weights, torch_device) if lpips_weights else None  # refused before the model
     pipe = load_pipeline(model, torch_device, torch_dtype, height=first_height, width=first_width)
-    lpips = LPIPS.from_file(lpips_weights, torch_device) if lpips_weights else None
     settings = SweepSettings(model=model, steps=steps, seed=seed, guidance=guidance, negative_prompt=negative_prompt,
                              compile=compile, lpips=str(lpips_weights) if lpips_weights else None,
                              device=torch_device.type, dtype=str(torch_dtype).removeprefix("torch."),
