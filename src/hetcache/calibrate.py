@@ -268,8 +268,16 @@ def calibrate_main(source: Path | str | None, mask: Path | str | None, box: str 
                        progress=lambda line: tqdm.write(line, file=sys.stderr))
     print((out / "front.md").read_text(encoding="utf-8"), end="")
     print("wrote " + ", ".join(str(out / name) for name in OUTPUT_FILES) + f" and {out / SEARCH_DIR}/")
-    print(f"use it: --config {out / 'chosen.json'} (or HetCacheConfig.from_file)")
+    print(f"use it: hetcache edit ... --config {out / 'chosen.json'} (bench, sweep, eval: with {METHOD} among "
+          "--methods), or HetCacheConfig.from_file")
     return chosen
+
+
+def config_options(path: str | Path) -> dict[str, Any]:
+    """The hetcache method's options that a config file (`--config`) gives: the fields of its config that differ
+    from HetCacheConfig's defaults (HetCacheConfig(**them) is the file's config), JSON-ready."""
+    defaults = HetCacheConfig().to_dict()
+    return {key: value for key, value in load_config(path).to_dict().items() if value != defaults[key]}
 
 
 def load_config(path: str | Path) -> HetCacheConfig:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,6 +177,15 @@ CacheDtypeOpt = Annotated[
     typer.Option(help=f"Storage dtype of HetCache's K/V cache ({', '.join(CACHE_DTYPES)}); default the model's. "
                  "float8 halves the cache of bf16; attention still reads the compute dtype."),
 ]
+CONFIG_METHOD = "hetcache"  # the method whose config `--config` sets (`hetcache.calibrate.METHOD`)
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="A HetCache config file (JSON: the chosen.json of hetcache calibrate, or HetCacheConfig.to_dict()) "
+        "for the hetcache method; the cache flags and --method-option hetcache.KEY=VALUE override its fields.",
+    ),
+]
 CompileOpt = Annotated[
     bool,
     typer.Option(
@@ -222,6 +231,38 @@ def cache_settings(cache_device: str | None, cache_dtype: str | None) -> dict[st
     """`--cache-device` and `--cache-dtype`, checked, as HetCacheConfig options (only those given)."""
     given = {"cache_device": check_cache_device(cache_device), "cache_dtype": check_cache_dtype(cache_dtype)}
     return {key: value for key, value in given.items() if value is not None}
+
+
+def config_file(path: Path | None, names: Sequence[str]) -> dict[str, Any]:
+    """The hetcache method's options that the config file `path` (`--config`) gives ({} without one;
+    `hetcache.calibrate.config_options`). A file that is not a HetCache config, or no hetcache among the methods
+    `names` run, is a UserError."""
+    if path is None:
+        return {}
+    if CONFIG_METHOD not in names:
+        raise UserError(f"--config {path} sets the {CONFIG_METHOD} method's config, and {CONFIG_METHOD} is not "
+                        f"among the methods run ({', '.join(names)}): add it to the methods or drop --config")
+    from hetcache.calibrate import config_options
+
+    return config_options(path)
+
+
+def with_config_file(fields: dict[str, Any], options: dict[str, dict[str, Any]],
+                     cache: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`options` ({method: {key: value}}) with a config file's `fields` (`config_file`) under the hetcache
+    method's: the file's values, then the cache flags (`cache`), then `--method-option hetcache.KEY=VALUE`."""
+    if not fields:
+        return options
+    from hetcache.options import over_config
+
+    return {**options, CONFIG_METHOD: over_config(fields, {**cache, **options.get(CONFIG_METHOD, {})})}
+
+
+def _method_names(methods: str) -> list[str]:
+    """The names of a `--methods` list, checked (`all`: every method)."""
+    if methods.strip() == "all":
+        return list(METHOD_NAMES)
+    return [check_method(name.strip()) for name in methods.split(",") if name.strip()]
 
 
 def _guidance(model: str, given: float | None) -> float:
@@ -464,13 +505,19 @@ def edit(
     no_side_by_side: Annotated[
         bool, typer.Option("--no-side-by-side", help="Do not write the side-by-side video.")
     ] = False,
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = NO_CACHE,
+    method: Annotated[
+        str | None, typer.Option(help=METHOD_HELP + f" Default {NO_CACHE}, or {CONFIG_METHOD} with --config.")
+    ] = None,
     method_option: MethodOptionOpt = None,
     guidance_2: Guidance2Opt = None,
     cache_device: CacheDeviceOpt = None,
     cache_dtype: CacheDtypeOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Regenerate the masked region of VIDEO as PROMPT describes."""
+    method = method or (CONFIG_METHOD if config is not None else NO_CACHE)
+    cache = cache_settings(cache_device, cache_dtype)
+    options = with_config_file(config_file(config, [check_method(method)]), method_options(method_option), cache)
     run_request(
         EditRequest(
             video=video,
@@ -495,9 +542,9 @@ def edit(
             composite=composite,
             hide_masked=hide_masked,
             method=method,
-            method_options=method_options(method_option),
+            method_options=options,
             guidance_2=guidance_2,
-            cache=cache_settings(cache_device, cache_dtype),
+            cache=cache,
         )
     )
 
@@ -578,17 +625,16 @@ def bench(
     guidance_2: Guidance2Opt = None,
     cache_device: CacheDeviceOpt = None,
     cache_dtype: CacheDtypeOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Edit VIDEO with every method from the same inputs and compare their speed and fidelity with full."""
-    # Every input check before the seconds-long import of torch and diffusers.
+    # Every input check before the seconds-long import of torch and diffusers (--config's file needs torch).
     check_prompt(prompt)
-    for name in methods.split(","):
-        if name.strip() and methods.strip() != "all":
-            check_method(name.strip())
-    options = method_options(method_option)
+    names = _method_names(methods)
     guidance = _guidance(model, guidance)
     check_guidance(guidance, guidance_2)
     cache = cache_settings(cache_device, cache_dtype)
+    options = with_config_file(config_file(config, names), method_options(method_option), cache)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     prepared = prepare_for_model(model, video, mask, box, frames, height, width)
@@ -699,17 +745,17 @@ def sweep(
     guidance_2: Guidance2Opt = None,
     cache_device: CacheDeviceOpt = None,
     cache_dtype: CacheDtypeOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Run each method over a grid of its own knob on one clip or a dataset, and plot PSNR in the mask against
     FLOPs share and speedup (one curve per method, mean over clips)."""
-    names = [name.strip() for name in methods.split(",") if name.strip() and methods.strip() != "all"]
-    for name in names:
-        check_method(name)
+    names = [] if methods.strip() == "all" else _method_names(methods)
     grids = parse_grids(grid or [], METHOD_NAMES)
-    options = method_options(method_option)
     guidance = _guidance(model, guidance)
     check_guidance(guidance, guidance_2)
     cache = cache_settings(cache_device, cache_dtype)
+    options = method_options(method_option)
+    fields = config_file(config, names or SWEEP_METHODS.split(","))
     if prompt is not None:
         check_prompt(prompt)
     if out.exists() and not out.is_dir():
@@ -720,7 +766,7 @@ def sweep(
                layout=layout, steps=default_steps(model) if steps is None else steps, frames=frames, height=height,
                width=width, seed=seed, guidance=guidance, negative_prompt=negative_prompt, device=device,
                dtype=dtype, compile=compile, lpips_weights=lpips_weights, limit=limit, guidance_2=guidance_2,
-               cache=cache)
+               cache=cache, config_files={CONFIG_METHOD: fields} if fields else None)
 
 
 @app.command()
@@ -797,12 +843,13 @@ def evaluate(
     guidance_2: Guidance2Opt = None,
     cache_device: CacheDeviceOpt = None,
     cache_dtype: CacheDtypeOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Run methods over a dataset of (video, mask, prompt) items and tabulate quality against references."""
-    options = method_options(method_option)
     guidance = _guidance(model, guidance)
     check_guidance(guidance, guidance_2)
     cache = cache_settings(cache_device, cache_dtype)
+    options = with_config_file(config_file(config, _method_names(methods)), method_options(method_option), cache)
     from hetcache.evaluate import eval_main
 
     eval_main(dataset=dataset, layout=layout, methods=methods, model=model, steps=steps, out=out, frames=frames,

@@ -4,7 +4,8 @@ Values are literals: `true` / `false`, `none` / `null`, integers, decimals, Pyth
 (`[100,800]`, `{0.08: 6, 1.0: 1}`, `"kmeans"`), anything else a bare string. In `--method-option`, a value with
 top-level commas is a tuple (`pab.timestep_window=100,800`); in `--grid` those commas separate the values
 (`teacache.delta=0.05,0.1`), so a tuple value goes in brackets. Only the syntax is checked here (no torch): which
-keys a method accepts is `hetcache.methods.method_options`' business.
+keys a method accepts is `hetcache.methods.method_options`' business. A HetCache config file (`--config`) gives
+the hetcache method's options underneath the command line's (`over_config`).
 """
 
 from __future__ import annotations
@@ -90,3 +91,15 @@ def parse_grids(texts: Iterable[str], methods: Sequence[str]) -> dict[str, dict[
             raise UserError(f"--grid {text!r} gives no value: e.g. teacache.delta=0.03,0.05,0.1")
         grids.setdefault(name, {})[key] = values
     return grids
+
+
+def over_config(fields: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The hetcache method's options from a config file (`fields`, `--config`) with `options` (the command line's,
+    or a sweep point's) over them. A config is planned one way, so options that decide the plan (`plan`, `budget`
+    or `delta`) replace the file's way of deciding it."""
+    # torch is loaded already: the file was read into a HetCacheConfig.
+    from hetcache.config import PLAN_SOURCES
+
+    if any(options.get(name) is not None for name in PLAN_SOURCES):
+        fields = {key: value for key, value in fields.items() if key not in PLAN_SOURCES}
+    return {**fields, **options}

@@ -45,6 +45,7 @@ from hetcache.methods import (
     unavailable_reason,
 )
 from hetcache.metrics import BAND_PX, FIDELITY_KEYS, LPIPS, fidelity
+from hetcache.options import over_config
 from hetcache.pipeline import (
     check_prompt,
     load_pipeline,
@@ -131,13 +132,15 @@ def grid_points(
     methods: Sequence[str] = DEFAULT_METHODS,
     grids: dict[str, dict[str, list[Any]]] | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
+    config_files: dict[str, dict[str, Any]] | None = None,
 ) -> list[Point]:
     """The points of a sweep: for each method its grid (the user's, from `grids` {method: {field: [values]}},
     fields crossed, replacing the default; else DEFAULT_GRIDS), with `method_options` {method: {field: value}}
-    set at every point. A field in both is refused; so is a grid or option for a method not swept."""
-    grids, method_options = grids or {}, method_options or {}
+    set at every point. A field in both is refused; so is a grid or option for a method not swept.
+    `config_files` ({method: options}, `--config`) lie under both (`options.over_config`)."""
+    grids, method_options, config_files = grids or {}, method_options or {}, config_files or {}
     names = list(dict.fromkeys(check_method_name(m) for m in methods if m != REFERENCE))
-    for what, given in (("--grid", grids), ("--method-option", method_options)):
+    for what, given in (("--grid", grids), ("--method-option", method_options), ("--config", config_files)):
         stray = sorted(set(given) - set(names))
         if stray:
             raise UserError(f"{what} for {stray[0]}, which is not among the swept methods: add it to --methods")
@@ -154,6 +157,8 @@ def grid_points(
             raise UserError(f"{name}.{both[0]} is set by --method-option and swept by the grid: give it once")
         for options in grid:
             merged = {**fixed, **options}
+            if name in config_files:
+                merged = over_config(config_files[name], merged)
             points.append(Point(name, tuple((key, _frozen(merged[key])) for key in sorted(merged))))
     return list(dict.fromkeys(points))
 
@@ -657,16 +662,18 @@ def sweep_main(
     limit: int | None = None,
     guidance_2: float | None = None,
     cache: dict[str, Any] | None = None,
+    config_files: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """`hetcache sweep`: check everything, load the clips and the model, run the sweep, print the report.
-    `cache` ({"cache_device", "cache_dtype"}) is set at every point of the HetCache methods."""
+    `cache` ({"cache_device", "cache_dtype"}) is set at every point of the HetCache methods; `config_files`
+    ({method: options}, `--config`) under every point of the method's grid."""
     names = [n.strip() for n in methods.split(",") if n.strip()]
     names = list(DEFAULT_METHODS) if names in ([], ["all"]) else names
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
     if limit is not None and limit < 1:
         raise UserError(f"limit must be at least 1, got {limit}")
-    points = grid_points(names, grids, cache_options(names, method_options, cache))
+    points = grid_points(names, grids, cache_options(names, method_options, cache), config_files)
     for point in points:  # option errors before anything loads
         point_config(point, SweepSettings(model=model, steps=steps, compile=compile))
     out = Path(out)
