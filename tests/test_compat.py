@@ -10,7 +10,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, attention_
 from tiny_models import tiny_inputs, tiny_transformer
 
 from hetcache import compat
-from hetcache.core import call_argument
+from hetcache.core import call_argument, parameter_names, replace_arguments
 from hetcache.pipeline import build_tiny_random_pipeline
 
 
@@ -75,3 +75,35 @@ def test_call_arguments_by_name_follow_the_signatures():
     assert call_argument(forward, args, {}, "return_dict") is True  # the default when not passed
     block = type(model.vace_blocks[0]).forward
     assert call_argument(block, (1, 2, 3), {}, "control_hidden_states") == 3
+    args, kwargs = replace_arguments(block, (1, 2, 3), {"temb": 4}, {"control_hidden_states": 30, "temb": 40,
+                                                                     "rotary_emb": 50})
+    assert args == (1, 2, 30) and kwargs == {"temb": 40, "rotary_emb": 50}
+    assert parameter_names(block) == ("hidden_states", "encoder_hidden_states", "control_hidden_states", "temb",
+                                      "rotary_emb")
+
+
+def test_context_parallel_names():
+    """What context parallelism reads and writes: the config on the model and its processors (which hand it to
+    `dispatch_attention_fn`), the global backend, and the Ulysses template HetCache runs its own attention in."""
+    import inspect
+
+    from diffusers.models.attention_dispatch import (
+        _templated_context_parallel_attention,
+    )
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model = tiny_transformer()
+    assert compat.parallel_config(model) is None
+    modules = [block.attn1 for block in model.blocks]
+    marker = object()
+    compat.record_parallel_config(model, marker, modules)
+    assert compat.parallel_config(model) is marker
+    assert all(module.processor._parallel_config is marker for module in modules)
+    # self-attention only: cross-attention runs per query token on every rank
+    assert "parallel_config=(self._parallel_config if encoder_hidden_states is None else None)" in (
+        inspect.getsource(WanAttnProcessor.__call__))
+    assert compat.active_attention_backend() == AttentionBackendName.NATIVE
+    parameters = inspect.signature(_templated_context_parallel_attention).parameters
+    keyword_only = {name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
+    assert keyword_only == {"forward_op", "backward_op", "_parallel_config"}
+    assert list(parameters)[:3] == ["query", "key", "value"]

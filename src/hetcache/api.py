@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from diffusers.hooks import HookRegistry
 
-from hetcache import hooks, plan, session
+from hetcache import hooks, parallel, plan, session
 from hetcache.config import HetCacheConfig
 from hetcache.core import CacheStats, call_argument
 from hetcache.engine import HetCacheEngine
+from hetcache.errors import UserError
 from hetcache.pipeline import (
     MAX_SEQUENCE_LENGTH,
     default_flow_shift,
@@ -85,9 +86,13 @@ def enable(
     pipeline, models = _split(target)
     if any(hooks.engine_of(model) is not None for model in models):
         disable(target)
+    sharded = any(parallel.ulysses_group(model) is not None for model in models)
     if config is not None and not isinstance(config, HetCacheConfig):
         if not hasattr(config, "attach"):
             raise TypeError(f"not a cache configuration: {type(config).__name__}")
+        if sharded and not getattr(config, "context_parallel", False):
+            raise UserError(f"{type(config).__name__.removesuffix('Config')} does not run under context "
+                            "parallelism: use hetcache, teacache, full or fewer-steps there, or one process")
         return [config.attach(model, pipeline) for model in models][0]
     experts = experts_of(pipeline)
     engines = [HetCacheEngine(model, config or HetCacheConfig(), scheduler=None if pipeline is None else
@@ -97,6 +102,8 @@ def enable(
         engine.siblings = [other for other in engines if other is not engine]
         if mask is not None or token_mask is not None:
             engine.set_mask(torch.as_tensor(token_mask if mask is None else mask), token_coverage=mask is None)
+        if engine.sharded is not None:  # the engine's hooks run first and split the tokens themselves
+            parallel.hand_split_to_engine(engine.transformer)
         hooks.attach(engine.transformer, engine)
     if pipeline is not None:
         _wrap_pipeline(pipeline, engines)
@@ -108,6 +115,7 @@ def disable(target: Any) -> None:
     pipeline, models = _split(target)
     for model in models:
         hooks.detach(model)  # frees the caches now, not at the next garbage collection
+        parallel.restore_stock_split(model)
     if pipeline is not None:
         _unwrap_pipeline(pipeline)
 

@@ -78,3 +78,39 @@ def restore_progress_bar_config(pipe: Any, config: dict | None) -> None:
         pipe.__dict__.pop("_progress_bar_config", None)
     else:
         pipe._progress_bar_config = config
+
+
+# ------------------------------------------------------------------------------------- context parallelism
+def parallel_config(model: torch.nn.Module) -> Any:
+    """The `ParallelConfig` that `enable_parallelism` recorded on a model (None before), which diffusers' Ulysses
+    attention reads its group and degree from."""
+    return model._parallel_config
+
+
+def record_parallel_config(model: torch.nn.Module, config: Any, attention_modules: list[torch.nn.Module]) -> None:
+    """Record `config` on the model and on the processors of `attention_modules`, as `enable_parallelism` does (the
+    processors hand it to `dispatch_attention_fn`, which then runs Ulysses attention)."""
+    model._parallel_config = config
+    for module in attention_modules:
+        module.processor._parallel_config = config
+
+
+def active_attention_backend() -> Any:
+    """diffusers' global attention backend (`AttentionBackendName`), used where a processor names none."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    return _AttentionBackendRegistry.get_active_backend()[0]
+
+
+def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, forward_op: Any,
+                      config: Any) -> torch.Tensor:
+    """diffusers' Ulysses attention (`_templated_context_parallel_attention`) with our own attention in the
+    middle: query, key and value [B, n, heads, head_dim] of this rank's rows go to head shards [B, n x P,
+    heads / P, head_dim] (one all-to-all each), `forward_op(ctx, query, key, value, *options, **flags)` attends
+    there, and its output comes back (one all-to-all). `config`: the model's `parallel_config`."""
+    from diffusers.models.attention_dispatch import (
+        _templated_context_parallel_attention,
+    )
+
+    return _templated_context_parallel_attention(query, key, value, forward_op=forward_op, backward_op=None,
+                                                 _parallel_config=config)

@@ -151,3 +151,22 @@ def call_argument(function: Callable[..., Any], args: tuple, kwargs: dict, name:
     if position < len(args):
         return args[position]
     return None if default is inspect.Parameter.empty else default
+
+
+def parameter_names(function: Callable[..., Any]) -> tuple[str, ...]:
+    """The parameter names of `function` (an unbound forward), `self` left out."""
+    return tuple(_parameters(function))
+
+
+def replace_arguments(function: Callable[..., Any], args: tuple, kwargs: dict,
+                      values: dict[str, Any]) -> tuple[tuple, dict]:
+    """(args, kwargs) of a call of `function` with the arguments named in `values` replaced, each where the call
+    passed it (by position or keyword; one it did not pass is added as a keyword)."""
+    args, kwargs = list(args), dict(kwargs)
+    for name, value in values.items():
+        position, _ = _parameters(function)[name]
+        if name not in kwargs and position < len(args):
+            args[position] = value
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs

@@ -12,7 +12,8 @@ of `hetcache.hooks` call in here and change how many token rows flow through it:
 - REUSE: the forward is not run at all; `hooks.reuse_forward` computes head(h_in + R).
 
 A FULL step of a plan without PARTIAL steps runs the stock block forward (bitwise the stock output). Per-branch
-buffers live in the cache store (`store.py`), per-video state in a session (`session.py`).
+buffers live in the cache store (`store.py`), per-video state in a session (`session.py`). On a transformer with
+context parallelism (`hetcache.parallel`) each rank computes its share of the rows (`hetcache.shard`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from typing import Any
 import torch
 from diffusers.hooks.hooks import BaseState
 
-from hetcache import flops, graphs, memory, plan
+from hetcache import flops, graphs, memory, parallel, plan
 from hetcache.config import HetCacheConfig
 from hetcache.core import CacheStats, StepClock
+from hetcache.errors import UserError
 from hetcache.pipeline import preview_timesteps
 from hetcache.session import EditMask, VideoSession, start_session
+from hetcache.shard import RowShard, ShardedCalls
 from hetcache.sparse import RowRope, block_rows, vace_block_rows
 from hetcache.store import BranchCache, CacheStore, RowUpdate
 
@@ -59,6 +62,7 @@ class StepContext:
     stock: bool  # a FULL step of a plan without PARTIAL steps: blocks run their stock forward, no K/V kept
     rope: RowRope | None = None
     scores: torch.Tensor | None = None
+    shard: RowShard | None = None  # this rank's share of the rows, under context parallelism
 
 
 class HetCacheEngine:
@@ -76,7 +80,12 @@ class HetCacheEngine:
         self.shape = flops.ModelShape.from_config(transformer.config)
         self.num_main = len(transformer.blocks)
         self.mask = EditMask()
-        self.store = CacheStore(config.cache_dtype, self.shape.heads, config.reuse)
+        group = parallel.ulysses_group(transformer)
+        self.sharded = ShardedCalls(group) if group is not None else None  # None without context parallelism
+        if group is not None and config.compile:
+            raise UserError("compile=True is not supported under context parallelism yet: run without --compile")
+        self.store = CacheStore(config.cache_dtype, self.shape.heads, config.reuse,
+                                head_shards=group.degree if group is not None else 1)
         self.requested_steps: int | None = None  # S of a pipeline call that runs S' solver steps
         self.text_len_hint = 512  # the text length a pipeline call's embeddings will have (before they exist)
         self.main_rows, self.vace_rows = block_rows, vace_block_rows
@@ -84,7 +93,8 @@ class HetCacheEngine:
             self.main_rows = torch.compile(block_rows, dynamic=True)
             self.vace_rows = torch.compile(vace_block_rows, dynamic=True)
         self.branches: dict[str, BranchState] = {}  # the root hook's per-context states, by cache_context name
-        self.graphs = graphs.PartialGraphs() if config.cuda_graphs else None
+        # CUDA graphs would capture the collectives of context parallelism: not tried, so off there
+        self.graphs = graphs.PartialGraphs() if config.cuda_graphs and group is None else None
         self.session: VideoSession | None = None
         self.last_stats = CacheStats()
         self.ctx: StepContext | None = None
@@ -161,7 +171,7 @@ class HetCacheEngine:
             for sibling in self.siblings:  # the other expert has run its steps of this video (or of the last one)
                 sibling.drop_caches()
             tier, note = memory.place_cache(self.transformer, self.config, session.partition.num_tokens,
-                                            text.shape[1], hidden_states.device)
+                                            text.shape[1], hidden_states.device, shards=self.store.head_shards)
             self.store.use_host(tier)
             if note:
                 session.stats.note(note)
@@ -188,6 +198,9 @@ class HetCacheEngine:
         select_now = kind == "F" and session.has_partial_steps and session.selection_step != index
         stock = kind == "F" and not session.has_partial_steps
         self.ctx = StepContext(index, kind, time, rows, branch, update, select_now, stock)
+        if self.sharded is not None:
+            self.ctx.shard = self.sharded.begin(session, index, kind, rows, branch_name == session.first_branch,
+                                                hidden_states.device)
         computed = session.partition.num_tokens if rows is None else int(rows.numel())
         session.account(branch_name, kind, computed, text_kv=stock or not branch.cache.text_kv)
         branch.calls += 1
@@ -228,17 +241,26 @@ class HetCacheEngine:
         if ctx is not None:
             total = sum(state.cache.nbytes() for state in self.branches.values())
             self.stats.cache_bytes = max(self.stats.cache_bytes, total)
+        if self.sharded is not None:
+            self.sharded.end([state.cache for state in self.branches.values()] if ctx is not None else [])
 
     # ---------------------------------------------------------------------------------------------- blocks
     def _rope(self, rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> RowRope:
         ctx = self.ctx
         if ctx.rope is None:
-            ctx.rope = self.session.rope(rotary_emb, ctx.rows, ctx.index)
+            rows = ctx.rows if ctx.shard is None else ctx.shard.local
+            ctx.rope = self.session.rope(rotary_emb, rows, ctx.index)
         return ctx.rope
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.ctx.rows
+        rows = self.ctx.rows if self.ctx.shard is None else self.ctx.shard.local
         return x if rows is None else x.index_select(1, rows)
+
+    def stock_arguments(self, forward: Any, layer: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The arguments of a block's stock forward (`forward`: its unbound forward): the call's own, or under
+        context parallelism those of this rank's token chunk (`ShardedCalls.stock_arguments`)."""
+        shard = self.ctx.shard if self.ctx is not None else None
+        return (args, kwargs) if shard is None else self.sharded.stock_arguments(shard, forward, layer, args, kwargs)
 
     def _buffers(self, kind: str, layer: int, block: torch.nn.Module, hidden: torch.Tensor, text: torch.Tensor) -> tuple:
         ctx = self.ctx
@@ -258,9 +280,10 @@ class HetCacheEngine:
         kv, text_kv = self._buffers("main", layer, block, hidden_states, text)
         args = (block, hidden_states, temb, self._rope(rotary_emb), kv, text_kv, ctx.update)
         if ctx.select_now and layer == self.num_main - 1 and self.session.needs_scores:
-            out = block_rows(*args, probe=self._score_probe)  # eager: the probe stays out of compiled graphs
+            # eager: the probe stays out of compiled graphs
+            out = block_rows(*args, probe=self._score_probe, shard=ctx.shard)
         else:
-            out = self.main_rows(*args)
+            out = self.main_rows(*args, shard=ctx.shard)
         self.store.release(ctx.branch.cache, "main", layer, kv)
         return out
 
@@ -275,18 +298,30 @@ class HetCacheEngine:
             control = self._gather(control)
             hidden_states = self._gather(hidden_states)
         kv, text_kv = self._buffers("vace", layer, block, hidden_states, text)
-        out = self.vace_rows(block, hidden_states, control, temb, self._rope(rotary_emb), kv, text_kv, ctx.update)
+        out = self.vace_rows(block, hidden_states, control, temb, self._rope(rotary_emb), kv, text_kv, ctx.update,
+                             shard=ctx.shard)
         self.store.release(ctx.branch.cache, "vace", layer, kv)
         return out
 
     def _score_probe(self, query: torch.Tensor, keys: torch.Tensor) -> None:
-        self.ctx.scores = self.session.interaction_scores(query, keys)
+        gather = self.sharded.gather_heads if self.sharded is not None else None
+        self.ctx.scores = self.session.interaction_scores(query, keys, gather)
+
+    def reuse_inputs(self) -> tuple[torch.Tensor, slice | None]:
+        """What a REUSE call adds to h_in: R of every token, or under context parallelism R of this rank's token
+        chunk, and that chunk."""
+        ctx = self.ctx
+        if self.sharded is None:
+            return self.store.residual(ctx.branch.cache, ctx.update.weights), None
+        return self.sharded.reuse_residual(ctx, self.store, self.session.partition.num_tokens)
 
     def assemble(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """norm_out's input: computed rows plus h_in + R elsewhere; refreshes R for the computed rows."""
         ctx = self.ctx
         if ctx is None or ctx.kind == "R":  # outside a transformer call, or `reuse_forward` assembled it already
             return hidden_states
+        if ctx.shard is not None:
+            return self.sharded.assemble(ctx, self.store, self.session, hidden_states)
         branch = ctx.branch
         hidden_in = branch.hidden_in.float()
         if ctx.kind == "F":

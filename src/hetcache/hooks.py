@@ -20,13 +20,17 @@ from hetcache.engine import BranchState, HetCacheEngine
 
 
 def reuse_forward(transformer: torch.nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
-                  text: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+                  text: torch.Tensor, residual: torch.Tensor, chunk: slice | None = None) -> torch.Tensor:
     """A REUSE call: patch embedding, h_in + R, the output head. Nothing else of the forward is needed, so
     it is not run (the VACE embedding, RoPE tables, the text projection and 45 no-op block calls cost more
-    than the arithmetic here). The head follows `WanVACETransformer3DModel.forward`'s step 6."""
+    than the arithmetic here). The head follows `WanVACETransformer3DModel.forward`'s step 6. `chunk`: under
+    context parallelism the tokens `residual` covers; the head runs on them and `proj_out`'s gather completes
+    the output."""
     batch, _, frames, height, width = hidden_states.shape
     p_t, p_h, p_w = transformer.config.patch_size
     tokens = transformer.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
+    if chunk is not None:
+        tokens = tokens[:, chunk]
     embedder = transformer.condition_embedder
     timestep = embedder.timesteps_proj(timestep)
     time_dtype = next(iter(embedder.time_embedder.parameters())).dtype
@@ -57,8 +61,8 @@ class TransformerHook(ModelHook):
         hidden_states, timestep = argument("hidden_states"), argument("timestep")
         text = argument("encoder_hidden_states")
         branch, name = compat.current_branch(self.state_manager, DEFAULT_CONTEXT)
-        ctx = self.engine.begin_call(hidden_states, timestep, text, branch, name)
         try:
+            ctx = self.engine.begin_call(hidden_states, timestep, text, branch, name)
             if ctx.kind == "P" and self.engine.graphs_active:
                 def use_inputs(rows: torch.Tensor, static_args: tuple, static_kwargs: dict) -> None:
                     timestep = call_argument(type(module).forward, static_args, static_kwargs, "timestep")
@@ -68,8 +72,8 @@ class TransformerHook(ModelHook):
             if ctx.kind != "R":
                 return self.fn_ref.original_forward(*args, **kwargs)
             with torch.no_grad():
-                residual = self.engine.store.residual(branch.cache, ctx.update.weights)
-                output = reuse_forward(module, hidden_states, timestep, text, residual)
+                residual, chunk = self.engine.reuse_inputs()
+                output = reuse_forward(module, hidden_states, timestep, text, residual, chunk)
             return Transformer2DModelOutput(sample=output) if argument("return_dict") else (output,)
         finally:
             self.engine.end_call()
@@ -91,7 +95,10 @@ class MainBlockHook(ModelHook):
             "hidden_states", "encoder_hidden_states", "temb", "rotary_emb"))
         with torch.no_grad():
             out = self.engine.main_block(module, self.layer, hidden_states, text, temb, rotary_emb)
-        return self.fn_ref.original_forward(*args, **kwargs) if out is None else out
+        if out is not None:
+            return out
+        args, kwargs = self.engine.stock_arguments(forward, self.layer, args, kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
 
 
 class VaceBlockHook(ModelHook):
@@ -105,7 +112,10 @@ class VaceBlockHook(ModelHook):
             "hidden_states", "encoder_hidden_states", "control_hidden_states", "temb", "rotary_emb"))
         with torch.no_grad():
             out = self.engine.vace_block(module, self.layer, hidden_states, text, control, temb, rotary_emb)
-        return self.fn_ref.original_forward(*args, **kwargs) if out is None else out
+        if out is not None:
+            return out
+        args, kwargs = self.engine.stock_arguments(forward, self.layer, args, kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
 
 
 class OutputNormHook(ModelHook):

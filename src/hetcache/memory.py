@@ -71,16 +71,18 @@ def estimate_memory(model: Any, frames: int, height: int, width: int, config: He
 
 
 def cache_bytes(shape: flops.ModelShape, num_tokens: int, config: HetCacheConfig, *, dtype: torch.dtype,
-                text_len: int, branches: int = 2) -> MemoryEstimate:
-    """`estimate_memory` for a video of `num_tokens` tokens."""
+                text_len: int, branches: int = 2, shards: int = 1) -> MemoryEstimate:
+    """`estimate_memory` for a video of `num_tokens` tokens; `shards`: the context-parallel degree, whose ranks
+    each keep 1 / shards of the K/V (their heads) and of the residual (their token chunk), and the whole text
+    K/V."""
     n, layers = num_tokens, shape.num_layers + shape.num_vace_layers
     slots = ORDERS[config.reuse] + 1
     compute = torch.empty((), dtype=dtype).element_size()
     stored = torch.empty((), dtype=config.cache_dtype or dtype).element_size()
     partial = "P" in config.plan if config.plan else not (config.kappa == 1.0 and config.refresh_every == 1)
     return MemoryEstimate(
-        kv_bytes=2 * layers * n * shape.dim * stored * slots * branches if partial else 0,
-        residual_bytes=n * shape.dim * compute * slots * branches,
+        kv_bytes=2 * layers * n * shape.dim * stored * slots * branches // shards if partial else 0,
+        residual_bytes=n * shape.dim * compute * slots * branches // shards,
         text_kv_bytes=2 * layers * text_len * shape.dim * compute * branches if partial else 0,
         times_bytes=slots * n * 8 * branches if slots > 1 else 0,
         tokens=n,
@@ -159,11 +161,12 @@ def _ways_out(suggest_host: bool) -> str:
 
 
 def place_cache(transformer: torch.nn.Module, config: HetCacheConfig, num_tokens: int, text_len: int,
-                device: torch.device) -> tuple[HostTier | None, str]:
+                device: torch.device, shards: int = 1) -> tuple[HostTier | None, str]:
     """The host tier for a video of `num_tokens` tokens (None: every layer's K/V on `device`) and a note saying
-    where the cache went and why. Raises UserError when the cache fits nowhere."""
+    where the cache went and why (`shards`: the context-parallel degree). Raises UserError when the cache fits
+    nowhere."""
     shape = flops.ModelShape.from_config(transformer.config)
-    estimate = cache_bytes(shape, num_tokens, config, dtype=transformer.dtype, text_len=text_len)
+    estimate = cache_bytes(shape, num_tokens, config, dtype=transformer.dtype, text_len=text_len, shards=shards)
     if device.type == "cuda":
         where, why = fit(estimate, device, config.cache_device)
         if where == "device":

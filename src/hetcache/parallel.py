@@ -35,12 +35,18 @@ import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig, WanVACETransformer3DModel
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.context_parallel import (
+    apply_context_parallel,
+    remove_context_parallel,
+)
 from diffusers.models._modeling_parallel import (
     ContextParallelInput,
     ContextParallelOutput,
 )
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from hetcache import compat
+from hetcache.comm import CommLedger
 from hetcache.errors import UserError
 
 # Module name -> how its inputs (dict) are split or its output (ContextParallelOutput) gathered; see the module
@@ -59,8 +65,10 @@ VACE_CP_PLAN: dict[str, Any] = {
     },
     "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
 }
+# The splits alone: what HetCache's engine does itself (it keeps the output gather).
+SPLIT_PLAN = {name: plan for name, plan in VACE_CP_PLAN.items() if name != "proj_out"}
 
-TOKEN_CHECK_HOOK = "hetcache_context_parallel_tokens"
+ROOT_HOOK = "hetcache_context_parallel"
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -125,7 +133,8 @@ def enable_context_parallel(
     rank's device. Every rank then runs the same forward calls with the same inputs and gets the whole output.
     `mesh`: a diffusers-style device mesh with dimensions "ring" (size 1) and "ulysses", for sharing the group
     with another kind of parallelism; `degree` is then its "ulysses" size. The model's head count and every
-    video's token count must be multiples of the degree.
+    video's token count must be multiples of the degree. `hetcache.enable` works on such a transformer: HetCache
+    then splits the tokens itself (`hetcache.shard`).
     """
     if not isinstance(transformer, WanVACETransformer3DModel):
         raise TypeError(f"expected a WanVACETransformer3DModel, got {type(transformer).__name__}")
@@ -135,7 +144,7 @@ def enable_context_parallel(
             "hetcache.parallel.init_process_group() first"
         )
     hooks = list(HookRegistry.check_if_exists_or_initialize(transformer).hooks)
-    if TOKEN_CHECK_HOOK in hooks:
+    if ROOT_HOOK in hooks:
         raise UserError("context parallelism is already enabled on this transformer")
     if hooks:
         raise UserError(
@@ -146,34 +155,107 @@ def enable_context_parallel(
     if heads % degree:
         raise UserError(f"the model's {heads} attention heads do not split over {degree} processes: "
                         f"use a number of processes that divides {heads}")
+    if mesh is None:  # built here rather than by diffusers, so that the Ulysses group is at hand (`ulysses_group`)
+        mesh = init_device_mesh(transformer.device.type, (1, degree), mesh_dim_names=("ring", "ulysses"))
     config = ContextParallelConfig(ulysses_degree=degree, mesh=mesh)
     if transformer.device.type == "cpu":
         _enable_on_cpu(transformer, config)
     else:
         transformer.enable_parallelism(config=config, cp_plan=VACE_CP_PLAN)
-    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(TokenCountCheck(degree), TOKEN_CHECK_HOOK)
+    ulysses = mesh["ulysses"]
+    group = UlyssesGroup(degree, ulysses.get_local_rank(), ulysses.get_group(), config,
+                         compat.parallel_config(transformer), CommLedger(degree))
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(ContextParallelRoot(group), ROOT_HOOK)
+    _count_stock_communication(transformer, group.ledger)
     return config
 
 
-class TokenCountCheck(ModelHook):
-    """Refuses, with a message, a video whose token count the Ulysses degree does not divide (diffusers would
-    stop on a bare assert deep in the first block)."""
+@dataclass(frozen=True)
+class UlyssesGroup:
+    """The context-parallel group of a transformer, as the HetCache engine needs it."""
 
-    def __init__(self, degree: int) -> None:
+    degree: int
+    rank: int  # this process's place in the Ulysses group: it holds token chunk `rank` and heads `rank` x H / P on
+    group: dist.ProcessGroup
+    config: ContextParallelConfig
+    parallel_config: Any  # diffusers' ParallelConfig of the model, which its Ulysses attention reads
+    ledger: CommLedger
+
+    def global_rank(self, rank: int) -> int:
+        """The process-group rank of Ulysses rank `rank` (collectives name their source or destination by it)."""
+        return dist.get_global_rank(self.group, rank)
+
+
+class ContextParallelRoot(ModelHook):
+    """Transformer-level hook of context parallelism: refuses, with a message, a video whose token count the
+    degree does not divide (diffusers would stop on a bare assert deep in the first block), counts each call's
+    communication, and records whether the stock token split or the HetCache engine splits the tokens."""
+
+    def __init__(self, group: UlyssesGroup) -> None:
         super().__init__()
-        self.degree = degree
+        self.group = group
+        self.engine_splits = False
+        self._opened = False
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         hidden_states = args[0] if args else kwargs["hidden_states"]
         grid = [size // patch for size, patch in zip(hidden_states.shape[2:], module.config.patch_size)]
         tokens = math.prod(grid)
-        if tokens % self.degree:
+        degree = self.group.degree
+        if tokens % degree:
             raise UserError(
                 f"the video's {tokens} tokens ({' x '.join(map(str, grid))} latent frames x rows x columns) do not "
-                f"split evenly over {self.degree} processes: choose a size and frame count whose token count is a "
-                f"multiple of {self.degree}, or run on a number of processes that divides {tokens}"
+                f"split evenly over {degree} processes: choose a size and frame count whose token count is a "
+                f"multiple of {degree}, or run on a number of processes that divides {tokens}"
             )
+        self._opened = self.group.ledger.open_call("F")  # a call no HetCache engine opened: the stock forward
         return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        if self._opened:
+            self.group.ledger.close_call()
+        return output
+
+
+def ulysses_group(transformer: torch.nn.Module) -> UlyssesGroup | None:
+    """The context-parallel group of `transformer`, or None when `enable_context_parallel` was not called on it."""
+    registry = compat.hook_registry(transformer)
+    root = registry.get_hook(ROOT_HOOK) if registry is not None else None
+    return root.group if root is not None else None
+
+
+def hand_split_to_engine(transformer: torch.nn.Module) -> None:
+    """Remove the stock plan's token splits (RoPE, first VACE and main block): the HetCache engine, whose hooks
+    run before them, splits the tokens itself. The output gather stays."""
+    root = HookRegistry.check_if_exists_or_initialize(transformer).get_hook(ROOT_HOOK)
+    if not root.engine_splits:
+        remove_context_parallel(transformer, SPLIT_PLAN)
+        root.engine_splits = True
+
+
+def restore_stock_split(transformer: torch.nn.Module) -> None:
+    """Put the stock plan's token splits back (after the engine's hooks are gone)."""
+    registry = compat.hook_registry(transformer)
+    root = registry.get_hook(ROOT_HOOK) if registry is not None else None
+    if root is not None and root.engine_splits:
+        apply_context_parallel(transformer, root.group.config, SPLIT_PLAN)
+        root.engine_splits = False
+
+
+def _count_stock_communication(transformer: WanVACETransformer3DModel, ledger: CommLedger) -> None:
+    """PyTorch hooks that count what diffusers' own context-parallel code moves: each stock self-attention's
+    four all-to-alls (the HetCache engine never calls these modules: it counts its own) and the output gather."""
+
+    def attention(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        ledger.stock_attention(hidden_states.shape[1], hidden_states.shape[2], hidden_states.dtype)
+
+    def gathered(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        ledger.all_gather(output.narrow(1, 0, output.shape[1] // ledger.degree))
+
+    for block in (*transformer.blocks, *transformer.vace_blocks):
+        block.attn1.register_forward_pre_hook(attention, with_kwargs=True)
+    transformer.proj_out.register_forward_hook(gathered)
 
 
 def _degree(degree: int | None, mesh: DeviceMesh | None) -> int:
@@ -203,37 +285,26 @@ def _enable_on_cpu(transformer: WanVACETransformer3DModel, config: ContextParall
 
     diffusers 0.42.1 `ModelMixin._resolve_parallel_config` puts each rank on device
     `rank % torch.accelerator.device_count()`, a division by zero where there is no accelerator. This repeats what
-    `enable_parallelism` does for a context-parallel config: check the attention backend, build the mesh, set the
-    config up, record it on the model and on every attention processor, register the plan's hooks. It writes the
-    private attributes `ModelMixin._parallel_config` and the processors' `_parallel_config`, and reads their
-    `_attention_backend` and `_AttentionBackendRegistry.get_active_backend()`; tests/test_parallel.py fails when
-    any of these changes, and when `enable_parallelism` starts working on the CPU (this function can then go).
+    `enable_parallelism` does for a context-parallel config: check the attention backend, set the config up on the
+    mesh, record it on the model and on every attention processor (`compat.record_parallel_config`), register the
+    plan's hooks. tests/test_parallel.py fails when `enable_parallelism` starts working on the CPU (this function
+    can then go).
     """
-    from diffusers.hooks.context_parallel import apply_context_parallel
     from diffusers.models._modeling_parallel import ParallelConfig
     from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.attention_dispatch import (
-        AttentionBackendName,
-        _AttentionBackendRegistry,
-    )
-    from torch.distributed.device_mesh import init_device_mesh
+    from diffusers.models.attention_dispatch import AttentionBackendName
 
-    if transformer._parallel_config is not None:
+    if compat.parallel_config(transformer) is not None:
         raise UserError("parallelism is already enabled on this transformer")
-    processors = [m.processor for m in transformer.modules() if isinstance(m, AttentionModuleMixin)]
-    for processor in processors:
-        backend = AttentionBackendName(
-            processor._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
-        )
+    attention = [m for m in transformer.modules() if isinstance(m, AttentionModuleMixin)]
+    for module in attention:
+        backend = AttentionBackendName(compat.attention_backend(module) or compat.active_attention_backend())
         if backend != AttentionBackendName.NATIVE:
             raise UserError(
                 f"context parallelism on the CPU needs diffusers' native attention backend, not {backend.value}: "
                 "the other backends that support it run on CUDA only"
             )
     parallel = ParallelConfig(context_parallel_config=config)
-    mesh = config.mesh or init_device_mesh("cpu", config.mesh_shape, mesh_dim_names=config.mesh_dim_names)
-    parallel.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=mesh)
-    transformer._parallel_config = parallel
-    for processor in processors:
-        processor._parallel_config = parallel
+    parallel.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=config.mesh)
+    compat.record_parallel_config(transformer, parallel, attention)
     apply_context_parallel(transformer, config, VACE_CP_PLAN)

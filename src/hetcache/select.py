@@ -8,6 +8,7 @@ runs on the tensors' device without host syncs, so selection never stalls the GP
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -76,31 +77,45 @@ def interaction_scores(
     scale: float | None = None,
     chunk: int = 2048,
     max_queries: int | None = None,
+    gather_heads: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention mass that the generative queries place on each key: float32 [N].
 
     s_j = mean over heads of sum over i of softmax_i(q_i . K^T * scale)_j, the softmax over all N keys. queries are
-    [H, G, Dh], keys [H, N, Dh] (after norm and RoPE; bf16 accepted). Keys are visited in chunks twice: once for each
-    query's log-sum-exp, once for the per-key mass, so memory stays at H x G x chunk float32 values.
-    On the GPU, bf16/fp16 inputs get their logits from float16 matmuls (float32 accumulation; about 1e-3
-    relative error per logit, harmless for ranking) and everything after in float32: this keeps the scores
-    at a few milliseconds per FULL step at the real size instead of tens with float32 matmuls.
+    [H, G, Dh], keys [H, N, Dh] (after norm and RoPE; bf16 accepted); `head_mass` gives the per-head sums.
     With `max_queries`, the sum over queries is estimated from that many evenly spaced queries, scaled by
     G / max_queries: the scores only rank context tokens, and the cost then stops growing with the mask.
+    `gather_heads`: under context parallelism a rank holds some of the heads; this function returns every rank's
+    per-head sums [H_all, N] from this rank's [H, N], and the mean is over all heads, as in one process.
     """
     heads, num_queries, head_dim = queries.shape
     if keys.ndim != 3 or keys.shape[0] != heads or keys.shape[2] != head_dim:
         raise ValueError(f"keys {tuple(keys.shape)} do not match queries {tuple(queries.shape)}: expected [H, N, Dh]")
     if chunk < 1:
         raise ValueError(f"chunk {chunk} must be >= 1")
-    num_keys = keys.shape[1]
-    scores = torch.zeros(num_keys, dtype=torch.float32, device=keys.device)
-    if num_queries == 0 or num_keys == 0:
-        return scores
+    if num_queries == 0 or keys.shape[1] == 0:
+        return torch.zeros(keys.shape[1], dtype=torch.float32, device=keys.device)
     if max_queries is not None and num_queries > max_queries:
         sample = _evenly_spaced(num_queries, max_queries, queries.device)
-        estimate = interaction_scores(queries.index_select(1, sample), keys, scale=scale, chunk=chunk)
+        estimate = interaction_scores(queries.index_select(1, sample), keys, scale=scale, chunk=chunk,
+                                      gather_heads=gather_heads)
         return estimate * (num_queries / max_queries)
+    mass = head_mass(queries, keys, scale=scale, chunk=chunk)
+    return (mass if gather_heads is None else gather_heads(mass)).mean(dim=0)
+
+
+def head_mass(queries: torch.Tensor, keys: torch.Tensor, *, scale: float | None = None,
+              chunk: int = 2048) -> torch.Tensor:
+    """Per head, the attention mass all `queries` [H, G, Dh] place on each of the `keys` [H, N, Dh]: float32 [H, N].
+
+    Keys are visited in chunks twice: once for each query's log-sum-exp, once for the per-key mass, so memory stays
+    at H x G x chunk float32 values. On the GPU, bf16/fp16 inputs get their logits from float16 matmuls (float32
+    accumulation; about 1e-3 relative error per logit, harmless for ranking) and everything after in float32: this
+    keeps the scores at a few milliseconds per FULL step at the real size instead of tens with float32 matmuls.
+    """
+    heads, num_queries, head_dim = queries.shape
+    num_keys = keys.shape[1]
+    mass = torch.zeros(heads, num_keys, dtype=torch.float32, device=keys.device)
     low_precision = keys.device.type == "cuda" and queries.dtype in (torch.bfloat16, torch.float16)
     matmul_dtype = torch.float16 if low_precision else torch.float32
     scaled = (queries.float() * (head_dim**-0.5 if scale is None else scale)).to(matmul_dtype)
@@ -112,8 +127,8 @@ def interaction_scores(
         lse = torch.logaddexp(lse, logits.logsumexp(dim=-1))
     for start in starts:
         logits = (scaled @ keys[:, start : start + chunk].transpose(1, 2)).float()
-        scores[start : start + chunk] = logits.sub_(lse[..., None]).exp_().sum(dim=1).mean(dim=0)
-    return scores
+        mass[:, start : start + chunk] = logits.sub_(lse[..., None]).exp_().sum(dim=1)
+    return mass
 
 
 def context_rows(

@@ -150,38 +150,63 @@ class VideoSession:
     def needs_scores(self) -> bool:
         return self.config.selection in ("kmeans_attention", "attention")
 
-    def interaction_scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Attention mass of the generative queries on every key (last main block of a FULL step)."""
+    def interaction_scores(self, query: torch.Tensor, keys: torch.Tensor,
+                           gather_heads: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Attention mass of the generative queries on every key (last main block of a FULL step). Under context
+        parallelism `query` and `keys` have this rank's heads and `gather_heads` brings in the others'."""
         q = query[0].index_select(0, self.partition.generative).transpose(0, 1)
-        return select.interaction_scores(q, keys[0].transpose(0, 1), max_queries=SCORE_QUERIES)
+        return select.interaction_scores(q, keys[0].transpose(0, 1), max_queries=SCORE_QUERIES,
+                                         gather_heads=gather_heads)
 
-    def select_context(self, index: int, hidden_states: torch.Tensor, scores: torch.Tensor | None) -> None:
+    @property
+    def needs_features(self) -> bool:
+        """Whether the context choice clusters the context tokens' last-block hidden states."""
+        return self.config.selection in ("kmeans_attention", "kmeans")
+
+    @property
+    def context_size(self) -> int:
+        """How many context rows every PARTIAL step computes."""
+        return select.context_count(int(self.partition.context.numel()), self.config.context_ratio)
+
+    def select_context(self, index: int, hidden_states: torch.Tensor | None, scores: torch.Tensor | None) -> None:
         """Choose the context rows of the PARTIAL steps until the next FULL step (DESIGN section 4)."""
+        self.adopt_context(index, self.choose_context(index, hidden_states, scores))
+
+    def choose_context(self, index: int, hidden_states: torch.Tensor | None,
+                       scores: torch.Tensor | None) -> torch.Tensor:
+        """The context rows chosen at FULL step `index` from every token's last-block hidden states [1, N, dim]
+        (read only when `needs_features`) and the interaction scores."""
         cfg, part = self.config, self.partition
-        self.selection_step = index
-        self.step_rows.clear()
         if part.context.numel() == 0:
-            self.context_choice = part.context
-            return
+            return part.context
         labels = None
-        if cfg.selection in ("kmeans_attention", "kmeans"):
+        if self.needs_features:
             features = hidden_states[0].index_select(0, part.context)
             labels = select.kmeans(features, cfg.kmeans_clusters, iters=cfg.kmeans_iters, seed=cfg.seed,
                                    max_points=KMEANS_POINTS)
         generator = torch.Generator().manual_seed(cfg.seed + index)
-        self.context_choice = select.context_rows(
+        return select.context_rows(
             part.context,
-            select.context_count(int(part.context.numel()), cfg.context_ratio),
+            self.context_size,
             strategy=cfg.selection,
             labels=labels,
             scores=scores,
             generator=generator,
         )
+
+    def adopt_context(self, index: int, choice: torch.Tensor) -> None:
+        """Make `choice` the context rows from FULL step `index` on, and count the selection's cost."""
+        cfg, part = self.config, self.partition
+        self.selection_step = index
+        self.step_rows.clear()
+        self.context_choice = choice
+        if part.context.numel() == 0:
+            return
         self.stats.flops += flops.selection_flops(
             self.shape,
             part.num_tokens,
             min(int(part.generative.numel()), SCORE_QUERIES) if self.needs_scores else 0,
-            int(part.context.numel()) if labels is not None else 0,
+            int(part.context.numel()) if self.needs_features else 0,
             clusters=cfg.kmeans_clusters,
             iters=cfg.kmeans_iters,
             fit_points=KMEANS_POINTS,

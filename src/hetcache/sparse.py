@@ -8,7 +8,8 @@ before attention. With S = all tokens and an empty buffer this is exactly the st
 
 The maths follows diffusers' `WanTransformerBlock.forward`, `WanVACETransformerBlock.forward` and
 `WanAttnProcessor` (diffusers 0.42), using the blocks' own sub-modules; attention goes through diffusers'
-`dispatch_attention_fn` so the user's attention backend is honoured.
+`dispatch_attention_fn` so the user's attention backend is honoured. Under context parallelism a `RowShard`
+(`hetcache.shard`) runs the self-attention: the rows are this rank's share, and the K/V buffer has its heads.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from hetcache import compat
 
 if TYPE_CHECKING:
+    from hetcache.shard import RowShard
     from hetcache.store import LayerKV, RowUpdate
 
 
@@ -78,12 +80,20 @@ def qkv_projections(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     return attn.to_q(x), attn.to_k(x), attn.to_v(x)
 
 
-def _attend(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    out = dispatch_attention_fn(
+def attention(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Attention of `query` to `key` / `value` ([B, n, heads, head_dim]) with the backend the user chose for `attn`."""
+    return dispatch_attention_fn(
         query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=compat.attention_backend(attn)
     )
+
+
+def _project_out(attn: torch.nn.Module, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     out = out.flatten(2, 3).type_as(query)
     return attn.to_out[1](attn.to_out[0](out))
+
+
+def _attend(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return _project_out(attn, attention(attn, query, key, value), query)
 
 
 def _self_attention(
@@ -93,11 +103,14 @@ def _self_attention(
     kv: LayerKV,
     update: RowUpdate,
     probe: Callable[[torch.Tensor, torch.Tensor], None] | None,
+    shard: RowShard | None,
 ) -> torch.Tensor:
     query, key, value = qkv_projections(attn, x)
     query = rope.apply(attn.norm_q(query).unflatten(2, (attn.heads, -1)))
     key = rope.apply(attn.norm_k(key).unflatten(2, (attn.heads, -1)))
     value = value.unflatten(2, (attn.heads, -1))
+    if shard is not None:
+        return _project_out(attn, shard.attend(attn, query, key, value, kv, update, probe), query)
     keys, values = kv.exchange(key, value, update)
     if probe is not None:
         probe(query, keys)
@@ -115,16 +128,18 @@ def block_rows(
     text_kv: tuple[torch.Tensor, torch.Tensor],
     update: RowUpdate,
     probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    shard: RowShard | None = None,
 ) -> torch.Tensor:
     """The body shared by main and VACE blocks, on rows `x` [B, n, dim]: self-attn, cross-attn, FFN.
 
     `probe(query, keys)` sees this layer's queries of the rows and the keys of all tokens (after norm and RoPE);
-    the engine uses it in the last block to score context tokens.
+    the engine uses it in the last block to score context tokens. `shard`: this rank's share of the rows under
+    context parallelism (its self-attention runs through diffusers' Ulysses all-to-alls).
     """
     shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table.to(temb.device) + temb.float()).chunk(6, 1)
 
     normed = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-    attn_out = _self_attention(block.attn1, normed, rope, kv, update, probe)
+    attn_out = _self_attention(block.attn1, normed, rope, kv, update, probe, shard)
     x = (x.float() + attn_out * gate).type_as(x)
 
     attn2 = block.attn2
@@ -146,9 +161,10 @@ def vace_block_rows(
     kv: LayerKV,
     text_kv: tuple[torch.Tensor, torch.Tensor],
     update: RowUpdate,
+    shard: RowShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A VACE block on rows: returns (hint rows, control rows), as `WanVACETransformerBlock.forward` does."""
     if block.proj_in is not None:
         control_rows = block.proj_in(control_rows) + hidden_rows
-    control_rows = block_rows(block, control_rows, temb, rope, kv, text_kv, update)
+    control_rows = block_rows(block, control_rows, temb, rope, kv, text_kv, update, shard=shard)
     return block.proj_out(control_rows), control_rows

@@ -12,6 +12,10 @@ read for rows not computed now is their extrapolation to this step's timestep (`
 
 In place mode (CUDA graphs, which read buffers by address) allocates every buffer once per video and only ever
 writes into it.
+
+Under Ulysses context parallelism over P ranks (`hetcache.shard`) a rank's K/V buffers hold every token for its
+H / P heads ([B, N, H / P, head_dim], `head_shards` = P) and its residual holds its token chunk ([B, N / P, dim]);
+the text K/V stay whole, and the sample times cover every token (the K/V forecasts read them all).
 """
 
 from __future__ import annotations
@@ -180,9 +184,12 @@ class BranchCache:
         """Whether a FULL step has filled the caches (REUSE and PARTIAL need them)."""
         return self.residual is not None or self.residual_history is not None
 
+    def text_nbytes(self) -> int:
+        """Bytes of the text K/V."""
+        return sum(_bytes(k) + _bytes(v) for k, v in self.text_kv.values())
+
     def nbytes(self) -> int:
-        total = sum(kv.nbytes() for kv in self.kv.values())
-        total += sum(_bytes(k) + _bytes(v) for k, v in self.text_kv.values())
+        total = sum(kv.nbytes() for kv in self.kv.values()) + self.text_nbytes()
         history = 0 if self.residual_history is None else self.residual_history.nbytes()
         return total + _bytes(self.residual) + history
 
@@ -190,9 +197,10 @@ class BranchCache:
 class CacheStore:
     """Allocation, dtype, forecast order and place (device or host tier) of every branch's buffers."""
 
-    def __init__(self, cache_dtype: torch.dtype | None, heads: int, reuse: str = "hold") -> None:
+    def __init__(self, cache_dtype: torch.dtype | None, heads: int, reuse: str = "hold", head_shards: int = 1) -> None:
         self.cache_dtype = cache_dtype
         self.heads = heads
+        self.head_shards = head_shards  # the K/V keep heads / head_shards heads (context parallelism)
         self.slots = ORDERS[reuse] + 1 if reuse != "hold" else 0  # samples kept per row (0: hold)
         self.host: HostTier | None = None  # the layers whose K/V live in host memory, and their copies
         # Host storage by (branch, kind, layer), kept from one video to the next: pinning tens of GB takes seconds.
@@ -210,7 +218,7 @@ class CacheStore:
         are device working buffers, fetched from the host unless this call computes every row (`computes_all`)
         and keeps no samples, with the next host layer's fetch started behind them; `release` sends them back."""
         kv = cache.layer(kind, layer)
-        shape = (hidden.shape[0], num_tokens, self.heads, hidden.shape[-1] // self.heads)
+        shape = (hidden.shape[0], num_tokens, self.heads // self.head_shards, hidden.shape[-1] // self.heads)
         dtype = self.cache_dtype or hidden.dtype
         host = self.host
         if host is None or (kind, layer) not in host.on_host:
@@ -279,14 +287,14 @@ class CacheStore:
         return cache.residual_history.forecast(weights, torch.float32)
 
     def keep_residual(self, cache: BranchCache, residual: torch.Tensor, dtype: torch.dtype, time: torch.Tensor,
-                      in_place: bool) -> None:
+                      in_place: bool, num_tokens: int | None = None) -> None:
         """Store a FULL step's residual of every token in `dtype` (the compute dtype: never `cache_dtype`), computed
-        at `time`."""
+        at `time`. `num_tokens`: the tokens whose sample times are kept, when the residual has a chunk of them."""
         if self.slots:
             if cache.residual_history is None or cache.residual_history.values.shape[1:] != residual.shape:
                 cache.residual_history = RowHistory(self.slots, residual, dtype)
             cache.residual_history.push(None, residual)
-            self._record_time(cache, None, time, residual.shape[1], residual.device)
+            self._record_time(cache, None, time, num_tokens or residual.shape[1], residual.device)
             return
         kept = cache.residual
         if in_place and kept is not None and kept.shape == residual.shape and kept.dtype == dtype:
@@ -295,11 +303,13 @@ class CacheStore:
             cache.residual = residual.to(dtype)
 
     def update_residual_rows(self, cache: BranchCache, rows: torch.Tensor, fresh: torch.Tensor,
-                             blend: torch.Tensor | None, time: torch.Tensor) -> None:
-        """Refresh the residual of the rows a PARTIAL step computed (blended with EMA weights when given)."""
+                             blend: torch.Tensor | None, time: torch.Tensor, computed: torch.Tensor | None = None) -> None:
+        """Refresh the residual of the rows a PARTIAL step computed (blended with EMA weights when given).
+        `computed`: every token the step computed, when the residual holds a chunk of the tokens (`rows` are then
+        positions in the chunk); their sample times advance (the K/V forecasts of all of them read the times)."""
         if cache.residual_history is None:
             blend_rows(cache.residual, rows, fresh, blend)
             return
         old = cache.residual_history.latest().index_select(1, rows)
         cache.residual_history.push(rows, ema(fresh, old, blend))
-        cache.times.push(rows, time)
+        cache.times.push(rows if computed is None else computed, time)

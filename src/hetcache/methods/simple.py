@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -19,6 +19,7 @@ from hetcache.methods import base
 class FullConfig:
     """No cache: every step runs every block (the reference every other method is compared with)."""
 
+    context_parallel: ClassVar[bool] = True  # a pass-through root hook: runs under context parallelism as it is
     steps_fraction: float = 1.0
 
     def attach(self, transformer: torch.nn.Module, pipeline: Any = None) -> base.MethodRuntime:
