@@ -150,6 +150,42 @@ def _pipeline(dtype: str) -> dict:
     }
 
 
+def _inputs_from_rank_0() -> dict:
+    """`launch.from_main` as a torchrun launch uses it: rank 0 reads, every rank gets its inputs; a UserError of
+    rank 0's read ends the others with exit code 2 and no message of their own."""
+    import numpy as np
+
+    from hetcache import launch
+    from hetcache.video import PreparedInputs
+
+    rank = dist.get_rank()
+    generator = np.random.default_rng(rank)  # a rank other than 0 that read would get other frames
+    reads = []
+
+    def read() -> PreparedInputs:
+        reads.append(rank)
+        return PreparedInputs(video=generator.integers(0, 256, (5, 4, 6, 3), dtype=np.uint8),
+                              mask=generator.random((5, 4, 6)) > 0.5, fps=12.5)
+
+    def failing() -> PreparedInputs:
+        raise UserError("video not found: missing.mp4: check the path")
+
+    launch._launch = launch._Launch(rank, torch.device("cpu"))  # what `launch.processes` sets on joining
+    try:
+        prepared = launch.from_main(read)
+        try:
+            launch.from_main(failing)
+            failure = "no error"
+        except UserError as error:
+            failure = f"UserError: {error}"
+        except SystemExit as done:
+            failure = f"exit {done.code}"
+    finally:
+        launch._launch = None
+    return {"reads": reads, "video": prepared.video.tolist(), "mask": prepared.mask.tolist(), "fps": prepared.fps,
+            "failure": failure}
+
+
 def _mesh() -> dict:
     """Two independent 2-way Ulysses groups inside 4 processes, given as a mesh."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -168,6 +204,7 @@ SCENARIOS = {
         "diffusers_path": _diffusers_path,
         "pipeline": lambda: _pipeline("fp32"),
         "pipeline_bf16": lambda: _pipeline("bf16"),
+        "inputs_from_rank_0": _inputs_from_rank_0,
     },
     4: {
         "even": lambda: _stock(EVEN_GRID, heads=4),
@@ -255,6 +292,14 @@ def test_tiny_pipeline_on_two_processes_matches_one(dtype, two_ranks):
         assert pipeline["scale"] > 0.5
         assert pipeline["diff"] <= TOLERANCE * (1 if dtype == "fp32" else BF16_FACTOR)
         assert pipeline["frame_diff"] <= (0 if dtype == "fp32" else 1)
+
+
+def test_only_rank_0_reads_the_inputs_and_reports_their_errors(two_ranks):
+    rank0, rank1 = (result["inputs_from_rank_0"] for result in two_ranks)
+    assert rank0["reads"] == [0] and rank1["reads"] == []
+    assert rank1["video"] == rank0["video"] and rank1["mask"] == rank0["mask"] and rank1["fps"] == rank0["fps"] == 12.5
+    assert rank0["failure"] == "UserError: video not found: missing.mp4: check the path"
+    assert rank1["failure"] == "exit 2"
 
 
 def test_a_transformer_with_other_hooks_is_refused(two_ranks):

@@ -35,7 +35,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import hetcache
-from hetcache import compat, files, flops, plan, tokens
+from hetcache import compat, files, flops, parallel, plan, tokens
 from hetcache import video as vio
 from hetcache.config import HetCacheConfig
 from hetcache.errors import UserError
@@ -149,7 +149,8 @@ def run_bench(
     options = cache_options([m if isinstance(m, str) else m[0] for m in ordered], method_options, cache)
     configs = method_configs(ordered, steps=steps, options=options, compile=compile)
     fits = check_fit(pipe, configs, *mask.shape, guidance)
-    out.mkdir(parents=True, exist_ok=True)
+    if parallel.is_main_process():  # under torchrun only rank 0 writes
+        out.mkdir(parents=True, exist_ok=True)
     if lpips is None and lpips_weights:
         lpips = LPIPS.from_file(lpips_weights, compat.execution_device(pipe))
     latents = initial_latents(pipe, *mask.shape, seed)
@@ -198,9 +199,10 @@ def run_bench(
                                           "text": describe_fit(estimate, where, compat.execution_device(pipe))}
                                    for name, (estimate, where) in fits.items()}
     results = {"schema": SCHEMA, "settings": settings, "methods": records, "skipped": skipped}
-    _write_results(out, results)
-    _write_pareto(out / "pareto.png", records)
-    _write_side_by_side(out / "side_by_side.mp4", video, mask, outputs, fps)
+    if parallel.is_main_process():
+        _write_results(out, results)
+        _write_pareto(out / "pareto.png", records)
+        _write_side_by_side(out / "side_by_side.mp4", video, mask, outputs, fps)
     return results
 
 
@@ -282,6 +284,7 @@ def _settings(pipe: Any, mask: np.ndarray, prompt: str, negative_prompt: str, st
         "device": str(compat.execution_device(pipe)),
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "compile": compile,
+        "context_parallel": group.degree if (group := parallel.ulysses_group(pipe.transformer)) else 1,
         "reference": REFERENCE,
         "band_px": band_px,
         "warmup": f"one {WARMUP_STEPS}-step run of the plain pipeline before timing, not timed"
@@ -532,9 +535,10 @@ def bench_main(
     vio.check_mask_covers(prepared.mask, "compare")
     out = Path(out)
     files.check_output_folder(out, RESULT_FILES, sources)
-    note = files.removed_note(files.remove_stale(out), out)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+    if parallel.is_main_process():  # under torchrun rank 0 alone writes there
+        note = files.removed_note(files.remove_stale(out), out)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     lpips = LPIPS.from_file(lpips_weights, torch_device) if lpips_weights else None  # refused before the model

@@ -25,7 +25,7 @@ import typer
 from tqdm import tqdm
 
 import hetcache
-from hetcache import files
+from hetcache import files, launch
 from hetcache import video as vio
 from hetcache.errors import UserError
 from hetcache.options import parse_grids, parse_method_options
@@ -343,15 +343,17 @@ def run_request(request: EditRequest) -> None:
     )
     for folder in dict.fromkeys(path.parent for path in outputs):
         files.check_writable(folder)
-    if vio.has_audio(request.video):
+    main = launch.is_main()  # under torchrun rank 0 alone reads the inputs, writes and reports
+    if main and vio.has_audio(request.video):
         typer.echo(f"note: {request.video} has an audio track, which is not copied: the output is video only", err=True)
     num_frames, height, width = prepared.mask.shape
-    source = (f"input    {vio.describe_source(request.video)} -> {width}x{height} x {num_frames} frames at "
-              f"{prepared.fps:g} fps")
+    described = vio.describe_source(request.video) if main else request.video
+    source = f"input    {described} -> {width}x{height} x {num_frames} frames at {prepared.fps:g} fps"
     if not prepared.mask.any():
-        _write_outputs(request, prepared, prepared.video, [
-            source, "method   none: the mask is empty, so there is nothing to edit (no model loaded)",
-        ], "the input, unchanged")
+        if main:
+            _write_outputs(request, prepared, prepared.video, [
+                source, "method   none: the mask is empty, so there is nothing to edit (no model loaded)",
+            ], "the input, unchanged")
         return
 
     start = time.perf_counter()  # "load" includes importing torch and diffusers, whichever step does it first
@@ -366,6 +368,8 @@ def run_request(request: EditRequest) -> None:
               check_fit(pipe, [(request.method, config)], num_frames, height, width, request.guidance).values()]
 
     result, cache_line, ran = _edit_with_method(pipe, config, prepared, request)
+    if not main:
+        return
     frames = vio.composite(prepared.video, result.frames, prepared.mask) if request.composite else result.frames
     timings = {"load": load_s, **result.timings}
     kept = "composited into the original outside the mask" if request.composite else "raw model output"
@@ -892,5 +896,7 @@ def analyze(
 
 
 def main() -> None:
-    """Console-script entry point (`hetcache`). UserErrors end as one line and exit code 2 (see `_Group`)."""
-    app(prog_name="hetcache")
+    """Console-script entry point (`hetcache`). UserErrors end as one line and exit code 2 (see `_Group`). Under
+    torchrun the command is one of several processes (`launch.processes`)."""
+    with launch.processes(sys.argv[1:]):
+        app(prog_name="hetcache")

@@ -103,15 +103,34 @@ class CommLedger:
             self._add("all_to_all", rows * dim, dtype, rows * dim * like.element_size() * (self.degree - 1) / self.degree)
 
     # ---------------------------------------------------------------------------------------------- report
-    def describe(self) -> str:
-        """One line: cache bytes per rank (and what one process would hold) and bytes received per call of each
-        kind."""
-        mib = 2**20
-        per_call = ", ".join(f"{kind} {size / mib:.2f} MiB ({self.calls[kind]} calls)"
-                             for kind, size in self.per_call().items())
-        line = f"{self.degree} processes; received per rank and call: {per_call or 'no calls'}"
-        if self.cache_bytes:
-            whole = (self.cache_bytes - self.text_kv_bytes) * self.degree + self.text_kv_bytes
-            line += (f"; HetCache cache per rank {self.cache_bytes / mib:.2f} MiB (text K/V {self.text_kv_bytes / mib:.2f} "
-                     f"MiB of it, kept whole), {whole / mib:.2f} MiB in one process")
-        return line
+    def figures(self) -> list[int]:
+        """This rank's totals as integers (`summary` reads them): cache bytes, text K/V bytes, then calls and bytes
+        received of each kind in `KINDS` order. A fixed-length list, so that one all-gather brings every rank's."""
+        return [self.cache_bytes, self.text_kv_bytes, *(self.calls[k] for k in KINDS),
+                *(self.received[k] for k in KINDS)]
+
+
+def summary(degree: int, ranks: list[list[int]]) -> list[str]:
+    """The summary lines of a context-parallel run from every rank's `CommLedger.figures`: what one process would
+    hold, then per rank its cache bytes and the bytes it received per call of each step kind."""
+    cache, text = ranks[0][0], ranks[0][1]
+    head = f"{degree} processes (Ulysses)"
+    if cache:
+        whole = (cache - text) * degree + text
+        head += (f"; HetCache cache in one process {_size(whole)}, of which text K/V {_size(text)} "
+                 "(kept whole on every rank, the rest split)")
+    lines = [head]
+    for rank, values in enumerate(ranks):
+        calls = dict(zip(KINDS, values[2:5]))
+        received = dict(zip(KINDS, values[5:8]))
+        per_call = ", ".join(f"{kind} {_size(received[kind] / calls[kind])} ({calls[kind]} calls)"
+                             for kind in KINDS if calls[kind])
+        line = f"rank {rank}: received per call {per_call or '- (no calls)'}"
+        if values[0]:
+            line += f"; HetCache cache {_size(values[0])}"
+        lines.append(line)
+    return lines
+
+
+def _size(size: float) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.2f} MiB"

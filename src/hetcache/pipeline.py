@@ -26,7 +26,7 @@ import numpy as np
 from huggingface_hub import constants as hub_constants
 from PIL import Image
 
-from hetcache import compat
+from hetcache import compat, launch
 from hetcache import video as vio
 from hetcache.errors import UserError
 
@@ -248,7 +248,7 @@ def load_pipeline(
     pipe.scheduler = UniPCMultistepScheduler.from_config(
         pipe.scheduler.config, flow_shift=default_flow_shift(height, width)
     )
-    return pipe.to(torch_device)
+    return launch.parallelize(pipe.to(torch_device))  # under torchrun: the transformer's tokens split over ranks
 
 
 def is_hub_id(name: str) -> bool:
@@ -291,17 +291,22 @@ def prepare_for_model(
     stride: int = 1,
 ) -> vio.PreparedInputs:
     """Read and fit the video and mask within the model's native size and length (`native_limits`); the notes
-    on what was adjusted go to stderr. Needs neither torch nor diffusers, so commands run it before loading."""
-    area, max_frames = native_limits(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
-        prepared = vio.prepare_inputs(
-            video, mask, box=box, height=height, width=width, frames=frames, stride=stride, area=area,
-            max_frames=max_frames, max_area=largest_area(model),
-        )
-    for note in prepared.notes:
-        print(f"note: {note}", file=sys.stderr)
-    return prepared
+    on what was adjusted go to stderr. Needs neither torch nor diffusers, so commands run it before loading.
+    Under torchrun (`hetcache.launch`) rank 0 reads them and sends them to the other processes."""
+
+    def read() -> vio.PreparedInputs:
+        area, max_frames = native_limits(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the same facts come back as notes
+            prepared = vio.prepare_inputs(
+                video, mask, box=box, height=height, width=width, frames=frames, stride=stride, area=area,
+                max_frames=max_frames, max_area=largest_area(model),
+            )
+        for note in prepared.notes:
+            print(f"note: {note}", file=sys.stderr)
+        return prepared
+
+    return launch.from_main(read)
 
 
 def default_steps(model: str) -> int:
