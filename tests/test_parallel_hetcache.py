@@ -25,7 +25,7 @@ from test_parallel import TOLERANCE
 from tiny_models import box_mask, tiny_inputs, tiny_transformer
 
 import hetcache
-from hetcache import parallel
+from hetcache import flops, memory, parallel
 from hetcache.errors import UserError
 from hetcache.hooks import engine_of
 
@@ -83,6 +83,9 @@ def _hetcache(heads: int, **overrides) -> dict:
     parallel.enable_context_parallel(model)
     sharded = _video(model, config)
     ledger = parallel.ulysses_group(model).ledger
+    shape = flops.ModelShape.from_config(model.config)
+    estimate = memory.cache_bytes(shape, 72, config, dtype=torch.float32, text_len=8, shards=dist.get_world_size())
+    sharded["estimate"] = estimate.total
     ours, theirs = sharded.pop("outputs"), reference.pop("outputs")
     return {"diff": max((a - b).abs().max().item() for a, b in zip(ours, theirs)),
             "scale": max(o.abs().max().item() for o in theirs),
@@ -248,6 +251,7 @@ def test_per_rank_cache_is_the_one_process_cache_divided_by_the_degree(world_siz
         assert cp["text_bytes"] == one["text_bytes"] > 0  # the text K/V stay whole on every rank
         assert cp["cache_bytes"] == (one["cache_bytes"] - one["text_bytes"]) // world_size + one["text_bytes"]
         assert cp["kv_shape"] == [1, 72, 4 // world_size, 8]  # every token, this rank's heads
+        assert cp["estimate"] == cp["cache_bytes"]  # memory.cache_bytes(..., shards=P): what the fit checks
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

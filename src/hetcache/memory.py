@@ -74,7 +74,7 @@ def cache_bytes(shape: flops.ModelShape, num_tokens: int, config: HetCacheConfig
                 text_len: int, branches: int = 2, shards: int = 1) -> MemoryEstimate:
     """`estimate_memory` for a video of `num_tokens` tokens; `shards`: the context-parallel degree, whose ranks
     each keep 1 / shards of the K/V (their heads) and of the residual (their token chunk), and the whole text
-    K/V."""
+    K/V; a rank's blocks run on 1 / shards of the rows."""
     n, layers = num_tokens, shape.num_layers + shape.num_vace_layers
     slots = ORDERS[config.reuse] + 1
     compute = torch.empty((), dtype=dtype).element_size()
@@ -87,7 +87,7 @@ def cache_bytes(shape: flops.ModelShape, num_tokens: int, config: HetCacheConfig
         times_bytes=slots * n * 8 * branches if slots > 1 else 0,
         tokens=n,
         layers=layers,
-        activation_bytes=activation_bytes(shape, n, compute),
+        activation_bytes=activation_bytes(shape, n // shards, compute),
     )
 
 
