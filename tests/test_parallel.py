@@ -23,8 +23,11 @@ import torch.distributed as dist
 from hetcache import parallel
 from hetcache.errors import UserError
 
-# Largest |CP - one process| accepted, float32 on outputs of magnitude about 10 (measured: 0.0, docs/PARALLEL.md).
+# Largest |CP - one process| accepted, float32 on transformer outputs of magnitude 2 to 20 (measured here: 0.0;
+# with HetCache up to 1.1e-6, docs/PARALLEL.md), and on the frames in levels of 255: a difference in the last bits
+# of the latents can move a pixel across a rounding boundary.
 TOLERANCE = 1e-5
+FRAME_TOLERANCE = 1
 BF16_FACTOR = 1000  # bfloat16 keeps 8 bits of mantissa: 1e-2 on the same outputs (measured: 0.0)
 EVEN_GRID = (3, 4, 6)  # 72 tokens: 36 per rank on 2, 18 on 4
 UNEVEN_GRID = (3, 3, 5)  # 45 tokens: a multiple of neither 2 nor 4
@@ -123,14 +126,16 @@ def _diffusers_path() -> dict:
     return {"cpu_status": cpu_status, "diff": (_forward(theirs, inputs) - _forward(ours, inputs)).abs().max().item()}
 
 
-def _pipeline(dtype: str) -> dict:
+def _pipeline(dtype: str, heads: int = 2) -> dict:
     """The tiny-random WanVACEPipeline end to end (3 steps, CFG): every transformer output and the frames."""
-    from tiny_models import demo_clip
+    from tiny_models import demo_clip, with_heads
 
     from hetcache.pipeline import load_pipeline, run_edit
 
-    pipe = load_pipeline("tiny-random", device="cpu", dtype=dtype, height=128, width=224)
-    video, mask = demo_clip(frames=9, height=128, width=224)
+    pipe = load_pipeline("tiny-random", device="cpu", dtype=dtype, height=64, width=128)
+    if heads != 2:
+        with_heads(pipe, heads)
+    video, mask = demo_clip(frames=9, height=64, width=128)
     outputs: list[torch.Tensor] = []
     pipe.transformer.register_forward_hook(lambda module, args, output: outputs.append(output[0].float()))
 
@@ -211,6 +216,7 @@ SCENARIOS = {
         "uneven_refused": lambda: _uneven_refused(heads=4),
         "heads_refused": _heads_refused,
         "mesh": _mesh,
+        "pipeline": lambda: _pipeline("fp32", heads=4),
     },
 }
 
@@ -284,14 +290,14 @@ def test_a_mesh_with_two_ulysses_groups(four_ranks):
         assert result["mesh"]["diff"] <= TOLERANCE
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_tiny_pipeline_on_two_processes_matches_one(dtype, two_ranks):
-    for result in two_ranks:
+@pytest.mark.parametrize(("world_size", "dtype"), [(2, "fp32"), (2, "bf16"), (4, "fp32")])
+def test_tiny_pipeline_on_several_processes_matches_one(world_size, dtype, two_ranks, four_ranks):
+    for result in {2: two_ranks, 4: four_ranks}[world_size]:
         pipeline = result["pipeline" if dtype == "fp32" else "pipeline_bf16"]
         assert pipeline["calls"] == 6  # 3 steps x (cond, uncond)
         assert pipeline["scale"] > 0.5
         assert pipeline["diff"] <= TOLERANCE * (1 if dtype == "fp32" else BF16_FACTOR)
-        assert pipeline["frame_diff"] <= (0 if dtype == "fp32" else 1)
+        assert pipeline["frame_diff"] <= FRAME_TOLERANCE
 
 
 def test_only_rank_0_reads_the_inputs_and_reports_their_errors(two_ranks):

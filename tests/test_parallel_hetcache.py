@@ -4,9 +4,10 @@ As in tests/test_parallel.py, each group of processes is forked once per module 
 writes what it measured to a JSON file and the tests below judge those. A scenario's one-process reference is
 computed by the same rank before it enables context parallelism.
 
-Tolerance: the same as the stock context-parallel tests (1e-5 on outputs of magnitude about 10, float32): a rank's
-matmuls see other row and head counts than one process's, so results may differ in the last bits (measured 0.0 on
-this CPU, docs/PARALLEL.md).
+Tolerance: the same as the stock context-parallel tests (1e-5 on transformer outputs of magnitude 2 to 20,
+float32; 1 level of 255 on the frames): a rank's matmuls and attention see other row and head counts than one
+process's, so results may differ in the last bits (measured: 0.0 everywhere but hetcache-fast on the tiny pipeline
+over 4 processes, 1.1e-6 on the outputs and 1 level on the frames; docs/PARALLEL.md).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_parallel import TOLERANCE
+from test_parallel import FRAME_TOLERANCE, TOLERANCE
 from tiny_models import box_mask, tiny_inputs, tiny_transformer
 
 import hetcache
@@ -135,15 +136,17 @@ def _stock_after_disable() -> dict:
     return {"diff": (out - reference).abs().max().item(), "tokens": seen[0], "engine": engine_of(model) is None}
 
 
-def _pipeline() -> dict:
+def _pipeline(heads: int = 2) -> dict:
     """hetcache-fast on the tiny-random WanVACEPipeline (CFG, a budget plan, k-means and attention scores)."""
-    from tiny_models import demo_clip
+    from tiny_models import demo_clip, with_heads
 
     from hetcache.methods import method_config
     from hetcache.pipeline import load_pipeline, run_edit
 
-    pipe = load_pipeline("tiny-random", device="cpu", height=128, width=224)
-    video, mask = demo_clip(frames=9, height=128, width=224)
+    pipe = load_pipeline("tiny-random", device="cpu", height=64, width=128)
+    if heads != 2:
+        with_heads(pipe, heads)
+    video, mask = demo_clip(frames=9, height=64, width=128)
     outputs: list[torch.Tensor] = []
     pipe.transformer.register_forward_hook(lambda module, args, output: outputs.append(output[0]))
 
@@ -180,6 +183,7 @@ SCENARIOS = {
     4: {
         "hetcache": lambda: _hetcache(heads=4),
         "padded": lambda: _hetcache(heads=4, context_ratio=0.2),  # |S| = 37: three padded rows on rank 3
+        "pipeline": lambda: _pipeline(heads=4),
     },
 }
 
@@ -294,15 +298,16 @@ def test_other_engine_settings_match_one_process(scenario, two_ranks):
     assert "P" not in two_ranks[0]["teacache_like"]["cp"]["plan"]  # the stock block forward on each rank's chunk
 
 
-def test_tiny_pipeline_with_hetcache_fast_matches_one_process(two_ranks):
-    for result in two_ranks:
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_tiny_pipeline_with_hetcache_fast_matches_one_process(world_size, two_ranks, four_ranks):
+    for result in _ranks(world_size, two_ranks, four_ranks):
         run = result["pipeline"]
         assert set(run["plan"]) == set("FPR") and run["plan"] == run["one_plan"] and run["rows"] == run["one_rows"]
-        assert any(rows % 2 for rows in run["rows"])  # a PARTIAL step with a padded row
+        assert any(rows % world_size for rows in run["rows"])  # a PARTIAL step with padded rows
         assert run["calls"] == 2 * len(run["plan"])
         assert run["scale"] > 0.5
         assert run["diff"] <= TOLERANCE
-        assert run["frame_diff"] == 0
+        assert run["frame_diff"] <= FRAME_TOLERANCE
 
 
 def test_ranks_that_disagree_stop_with_a_message(two_ranks):

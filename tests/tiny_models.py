@@ -38,6 +38,17 @@ def diffusers_test_transformer(num_layers: int = 3, vace_layers: tuple[int, ...]
     ).eval()
 
 
+def with_heads(pipe, heads: int):
+    """The float32 tiny-random pipeline with its transformer rebuilt with `heads` heads of the same width (24),
+    seeded, so that it can be split over `heads` processes (tiny-random's 2 heads allow 2)."""
+    config = {**pipe.transformer.config, "num_attention_heads": heads, "attention_head_dim": 24 // heads}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformer = WanVACETransformer3DModel.from_config(config).eval()
+    pipe.register_modules(transformer=transformer.to(pipe.transformer.device))
+    return pipe
+
+
 def tiny_inputs(seed: int = 0, grid: tuple[int, int, int] = (3, 4, 6), text_len: int = 8) -> dict[str, torch.Tensor]:
     """Latents, VACE control and text for a token grid (T', H', W') of patch (1, 2, 2)."""
     generator = torch.Generator().manual_seed(seed)
