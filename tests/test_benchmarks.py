@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,40 @@ def test_gpu_models_smoke_reports_both_models(tmp_path):
     switch = two["switch"]
     assert 0 < switch < len(two["plan"]) and two["plan"][switch] == "F"
     assert [e["plan"] for e in two["experts"]] == [two["plan"][:switch], two["plan"][switch:]]
+
+
+def test_gpu_parallel_smoke_reports_every_degree_and_target(tmp_path):
+    """Degree 1 in a process alone, then degree 2 in two CPU processes (gloo) under torchrun: the second launch keeps
+    the first's part and compares with the outputs it saved."""
+    out = tmp_path / "parallel.json"
+    script = [str(ROOT / "benchmarks" / "gpu_parallel.py"), "--smoke", "--shapes", "14b", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    alone = subprocess.run([sys.executable, *script], capture_output=True, text=True, timeout=600, env=env)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    first = json.loads(out.read_text())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run([*torchrun, *script, "--degrees", "2"], capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    run = report["runs"]["14b@480p"]
+    assert run["tokens"] == 288 and set(run["degrees"]) == {"1", "2"}
+    assert run["degrees"]["1"] == first["runs"]["14b@480p"]["degrees"]["1"]  # kept from the first launch
+    one, two = run["degrees"]["1"], run["degrees"]["2"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    plan = one["hetcache"]["plan"]
+    assert len(plan) == 50 and set(plan) == set("FPR") and two["hetcache"]["plan"] == plan
+    measured = one["hetcache"]["measured_steps"]
+    assert all(plan[:measured].count(kind) >= 2 for kind in "FPR") and two["hetcache"]["measured_steps"] == measured
+    assert set(two["hetcache"]["seconds_by_kind"]) == set(two["hetcache"]["comm_share"]) == set("FPR")
+    assert set(two["stock"]["comm_share"]) == {"F"} and one["hetcache"]["comm_share"] == {}
+    received = two["hetcache"]["received_per_call"]
+    assert received["F"] > received["P"] > received["R"] > 0
+    assert len(two["hetcache"]["cache_bytes_per_rank"]) == 2 and len(two["stock"]["peak_bytes_per_rank"]) == 2
+    assert two["agreement"]["hetcache"]["steps"] == measured and two["agreement"]["stock"]["steps"] == 3
+    targets = {row["target"]: row for row in report["targets"]}
+    for name in ("per-rank cache x 2 (text K/V once) / 1 GPU's, minus 1",
+                 "stock on 2 GPUs: max abs diff / max abs output vs 1 GPU",
+                 "hetcache on 2 GPUs: max abs diff / max abs output vs 1 GPU"):
+        assert targets[f"14b@480p {name}"]["met"], targets[f"14b@480p {name}"]
+    assert "14b@480p stock on 2 GPUs: speedup over 1 GPU / 2" in targets  # measured, not judged on the CPU

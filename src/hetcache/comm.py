@@ -60,6 +60,15 @@ class CommLedger:
         self.last[self._kind] = self._current
         self._kind, self._current = None, []
 
+    def reset(self) -> None:
+        """Forget every count, the cache peak and the last calls (a benchmark does this after its warm-up)."""
+        if self._kind is not None:
+            raise RuntimeError("a transformer call is being counted: reset between calls")
+        self.calls.clear()
+        self.received.clear()
+        self.last = {}
+        self.cache_bytes = self.text_kv_bytes = 0
+
     def per_call(self) -> dict[str, int]:
         """Mean bytes received per call, by step kind (kinds that ran)."""
         return {kind: round(self.received[kind] / self.calls[kind]) for kind in KINDS if self.calls[kind]}
