@@ -99,9 +99,15 @@ def test_torchrun_edit_writes_what_one_process_writes_from_rank_0_only(tmp_path)
     assert "parallel" not in one.output
 
 
-def test_commands_other_than_edit_and_bench_are_refused_under_torchrun(tmp_path):
-    result = _run([*_torchrun(2), "-m", "hetcache", "plan", "--model", "tiny-random"], tmp_path)
+@pytest.mark.parametrize(("args", "message"), [
+    (["plan", "--model", "tiny-random"],
+     "error: only edit and bench run on several processes, not plan: run the others without torchrun"),
+    (["bench", "clip.mp4", "--box", "0,0,16,16", "--prompt", "a road", "--out", "b", "--compile"],
+     "error: --compile does not run under context parallelism yet: run without it under torchrun"),
+])
+def test_what_does_not_run_on_several_processes_is_refused(args, message, tmp_path):
+    result = _run([*_torchrun(2), "-m", "hetcache", *args], tmp_path)
     assert result.returncode != 0
-    assert "error: only edit and bench run on several processes, not plan: run the others without torchrun" in (
-        result.stderr)
+    assert [line for line in result.stderr.splitlines() if "error:" in line] == [message]  # rank 0 says it
+    assert list(tmp_path.iterdir()) == []
 

@@ -55,9 +55,10 @@ def processes(argv: list[str]) -> Iterator[None]:
         return
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     if command not in COMMANDS:
-        print(f"error: only {' and '.join(COMMANDS)} run on several processes, not {command or 'no command'}: "
-              "run the others without torchrun", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT)
+        _refuse(f"only {' and '.join(COMMANDS)} run on several processes, not {command or 'no command'}: "
+                "run the others without torchrun")
+    if "--compile" in argv:
+        _refuse("--compile does not run under context parallelism yet: run without it under torchrun")
     from hetcache import parallel
 
     # diffusers 0.42.1's output gather calls a torch function that warns of its own deprecation on every run
@@ -77,6 +78,13 @@ def processes(argv: list[str]) -> Iterator[None]:
             _finish()
             raise
         _finish()
+
+
+def _refuse(message: str) -> None:
+    """End every process of the launch before it joins the group; rank 0 says why."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)
 
 
 def _finish() -> None:
