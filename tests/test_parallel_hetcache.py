@@ -142,6 +142,7 @@ def _pipeline(heads: int = 2) -> dict:
 
     from hetcache.methods import method_config
     from hetcache.pipeline import load_pipeline, run_edit
+    from hetcache.runner import check_fit
 
     pipe = load_pipeline("tiny-random", device="cpu", height=64, width=128)
     if heads != 2:
@@ -161,7 +162,11 @@ def _pipeline(heads: int = 2) -> dict:
     reference_frames, reference, one = edit()
     parallel.enable_context_parallel(pipe.transformer)
     frames, sharded, cp = edit()
+    (estimate, _), = check_fit(pipe, [("hetcache-fast", method_config("hetcache-fast", steps=STEPS))], 9, 64, 128,
+                               guidance=5.0).values()
     return {"plan": cp.plan, "one_plan": one.plan, "rows": cp.rows, "one_rows": one.rows,
+            "cache_bytes": cp.cache_bytes, "one_cache_bytes": one.cache_bytes, "estimate": estimate.total,
+            "estimate_shards": estimate.shards,
             "calls": len(sharded), "diff": max((a - b).abs().max().item() for a, b in zip(sharded, reference)),
             "scale": max(a.abs().max().item() for a in reference),
             "frame_diff": int(abs(frames.astype(int) - reference_frames.astype(int)).max())}
@@ -305,6 +310,9 @@ def test_tiny_pipeline_with_hetcache_fast_matches_one_process(world_size, two_ra
         assert set(run["plan"]) == set("FPR") and run["plan"] == run["one_plan"] and run["rows"] == run["one_rows"]
         assert any(rows % world_size for rows in run["rows"])  # a PARTIAL step with padded rows
         assert run["calls"] == 2 * len(run["plan"])
+        # the fit check's estimate is one process's (the tiny text encoder's length differs from the estimate's)
+        assert run["estimate_shards"] == world_size and run["cache_bytes"] < run["one_cache_bytes"]
+        assert abs(run["estimate"] - run["cache_bytes"]) <= 0.05 * run["cache_bytes"]
         assert run["scale"] > 0.5
         assert run["diff"] <= TOLERANCE
         assert run["frame_diff"] <= FRAME_TOLERANCE

@@ -38,6 +38,7 @@ class MemoryEstimate:
     tokens: int
     layers: int
     activation_bytes: int = 0  # what a FULL forward holds at its peak besides weights and caches (not a cache)
+    shards: int = 1  # context-parallel processes: the figures are one process's
 
     @property
     def total(self) -> int:
@@ -49,15 +50,17 @@ class MemoryEstimate:
         return self.kv_bytes // max(self.layers, 1)
 
     def describe(self) -> str:
+        share = f", per process of {self.shards}" if self.shards > 1 else ""
         return (f"cache {self.total / _GIB:.2f} GiB ({self.kv_bytes / _GIB:.2f} GiB K/V of {self.layers} layers x "
-                f"{self.tokens:,} tokens)")
+                f"{self.tokens:,} tokens{share})")
 
 
 def estimate_memory(model: Any, frames: int, height: int, width: int, config: HetCacheConfig | None = None, *,
                     dtype: torch.dtype = torch.bfloat16, text_len: int = 512, branches: int = 2,
-                    reference_frames: int = 0) -> MemoryEstimate:
+                    reference_frames: int = 0, shards: int = 1) -> MemoryEstimate:
     """The cache bytes of `config` for a video of `frames` x `height` x `width` pixels on `model` (a transformer,
-    its config, or a config dict) in compute dtype `dtype`, with `branches` CFG branches (2 with guidance).
+    its config, or a config dict) in compute dtype `dtype`, with `branches` CFG branches (2 with guidance), on one
+    of `shards` context-parallel processes (`cache_bytes`).
 
     Plans that can have PARTIAL steps keep every layer's K/V; others (TeaCache-like: `kappa` 1 and `refresh_every`
     1, or a fixed plan without P) keep only the residual.
@@ -67,7 +70,7 @@ def estimate_memory(model: Any, frames: int, height: int, width: int, config: He
     grid = tokens.latent_grid((frames, height, width), shape.patch_size)
     num_tokens = (grid[0] + reference_frames) * grid[1] * grid[2]
     return cache_bytes(shape, num_tokens, config or HetCacheConfig(), dtype=dtype, text_len=text_len,
-                       branches=branches)
+                       branches=branches, shards=shards)
 
 
 def cache_bytes(shape: flops.ModelShape, num_tokens: int, config: HetCacheConfig, *, dtype: torch.dtype,
@@ -88,6 +91,7 @@ def cache_bytes(shape: flops.ModelShape, num_tokens: int, config: HetCacheConfig
         tokens=n,
         layers=layers,
         activation_bytes=activation_bytes(shape, n // shards, compute),
+        shards=shards,
     )
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import hetcache
-from hetcache import compat
+from hetcache import compat, parallel
 from hetcache.config import HetCacheConfig
 from hetcache.errors import UserError
 from hetcache.memory import MemoryEstimate, estimate_memory, fit
@@ -103,16 +103,19 @@ def check_fit(pipe: Any, configs: Sequence[tuple[str, Any]], num_frames: int, he
     """Before denoising: each HetCache engine config's cache estimate for this video and where it goes ("device"
     or "host", `memory.fit`), {name: (estimate, where)}. A cache that fits nowhere is `fit`'s one-line UserError,
     naming the ways out (--cache-device cpu, --cache-dtype float8_e4m3fn, fewer frames, a smaller size). Two
-    experts hold one expert's caches at a time (the first's are freed at the switch)."""
+    experts hold one expert's caches at a time (the first's are freed at the switch). Under context parallelism
+    the estimate is one process's."""
     transformer = pipe.transformer
     device = compat.execution_device(pipe)
+    group = parallel.ulysses_group(transformer)
     text_len = min(MAX_SEQUENCE_LENGTH, int(getattr(pipe.tokenizer, "model_max_length", MAX_SEQUENCE_LENGTH)))
     branches = 2 if guidance > 1 else 1
     found = {}
     for name, config in configs:
         if isinstance(config, HetCacheConfig):
             estimate = estimate_memory(transformer, num_frames, height, width, config, dtype=transformer.dtype,
-                                       text_len=text_len, branches=branches)
+                                       text_len=text_len, branches=branches,
+                                       shards=group.degree if group is not None else 1)
             found[name] = (estimate, fit(estimate, device, config.cache_device)[0])
     return found
 
