@@ -150,15 +150,19 @@ def float8_check(model, inputs, coverage, device) -> dict:
             "reuse_equal": bool(torch.equal(outputs["bf16"][1], outputs["float8"][1]))}
 
 
-def part_14b(device, dtype, grid) -> dict:
+def part_14b(device, dtype, grid, cache_dtype: torch.dtype | None = None) -> dict:
+    """The host tier under an 80 GiB cap against the cache on the GPU. A bf16 cache on the GPU needs more than
+    80 GiB (weights 34 GB + cache 64 GB): on a smaller card `cache_dtype=float8` halves the cache for both runs, and
+    the second run puts it on the host explicitly (auto would keep a cache that fits on the GPU)."""
     model = build(WAN_14B if device.type == "cuda" else dict(TINY, num_layers=5, vace_layers=[0]), device, dtype)
     inputs = inputs_for(model.config, grid, device, dtype)
     coverage = box_coverage(grid, 0.25)
     timesteps = preview_timesteps(flow_scheduler(3.0), 6).tolist()
-    out = {}
-    for name, gib, cache_device in (("gpu_tier", None, "cuda"), ("auto_capped_80gib", 80, "auto")):
+    out = {"cache_dtype": "bf16" if cache_dtype is None else str(cache_dtype).removeprefix("torch.")}
+    host = ("auto_capped_80gib", 80, "auto") if cache_dtype is None else ("host_capped_80gib", 80, "cpu")
+    for name, gib, cache_device in (("gpu_tier", None, "cuda"), host):
         cap(device, gib)
-        config = hetcache.HetCacheConfig(plan="FFPRPF", cache_device=cache_device)
+        config = hetcache.HetCacheConfig(plan="FFPRPF", cache_device=cache_device, cache_dtype=cache_dtype)
         out[name] = measured(model, config, coverage, inputs, timesteps, device)
     cap(device, None)
     return out
@@ -174,6 +178,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks that it runs)")
     parser.add_argument("--out", default=None, help="JSON file for every number")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: 1.3b,14b")
+    parser.add_argument("--cache-dtype-14b", choices=("bf16", "float8"), default="bf16",
+                        help="the 14B part's cache dtype (float8 where a bf16 cache does not fit beside the weights)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -187,7 +193,8 @@ def main() -> None:
                                        keep=lambda out: save(args.out, {**report, "wan_1_3b": out}))
         save(args.out, report)  # what a later part's failure would otherwise lose
     if "14b" not in skip:
-        report["wan_14b"] = part_14b(device, dtype, grid)
+        report["wan_14b"] = part_14b(device, dtype, grid,
+                                     torch.float8_e4m3fn if args.cache_dtype_14b == "float8" else None)
     report["targets"] = targets(report)
     save(args.out, report)
     print_table(report)
@@ -209,9 +216,11 @@ def targets(report: dict) -> list[dict]:
     if big:
         plan = big["gpu_tier"]["plan"]
         partial = [i for i, letter in enumerate(plan) if letter == "P"]
-        host = sum(big["auto_capped_80gib"]["step_seconds"][i] for i in partial)
+        tier = "auto_capped_80gib" if "auto_capped_80gib" in big else "host_capped_80gib"
+        host = sum(big[tier]["step_seconds"][i] for i in partial)
         device = sum(big["gpu_tier"]["step_seconds"][i] for i in partial)
-        rows.append({"target": "14B PARTIAL step, host / GPU tier", "measured": host / device, "limit": 1.10})
+        rows.append({"target": f"14B PARTIAL step ({big['cache_dtype']} cache), host / GPU tier",
+                     "measured": host / device, "limit": 1.10})
     for row in rows:
         row["met"] = row["measured"] >= row["limit"] if row.pop("at_least", False) else row["measured"] <= row["limit"]
     return rows
@@ -221,7 +230,7 @@ def print_table(report: dict) -> None:
     print(f"device: {report['device']}  torch {report['torch']}  grid {report['grid']}")
     for part in ("wan_1_3b", "wan_14b"):
         for name, row in (report.get(part) or {}).items():
-            if "seconds" in row:
+            if isinstance(row, dict) and "seconds" in row:
                 peak = f"{row['peak_bytes'] / GIB:6.2f} GiB" if row.get("peak_bytes") else "       -"
                 print(f"{part:<9} {name:<28} {row['seconds']:8.2f} s  peak {peak}  {row.get('plan', '')[:24]:<24} "
                       f"{'; '.join(n[:60] for n in row.get('notes', []))}")
