@@ -64,6 +64,7 @@ def test_search_space_holds_fewer_steps_both_families_and_forecasts():
     assert {o.get("max_reuse") for o in options if "budget" in o and o["budget"]} == {0, 3}
     assert {o.get("reuse") for o in options} >= {"hold", "linear"}
     assert any(o.get("margin_ratio") == 0.35 for o in options)
+    assert {o.get("max_step_fraction") for o in options if o.get("max_reuse") == 0} == {0.5, 0.75, None}
     assert "quadratic" in {o.get("reuse") for o in (p.option_dict() for p in search_points("wide"))}
     for point in points:  # every one is a valid config
         HetCacheConfig(**{k: v for k, v in point.option_dict().items()})

@@ -113,7 +113,7 @@ def test_edit_with_hetcache_fast_runs_the_plan_that_plan_for_predicts(clip_files
     line = next(line for line in result.stdout.splitlines() if line.startswith("method "))
     assert re.fullmatch(rf"method   hetcache-fast: plan {expected} \({counted}\), 0\.\d\d of the dense FLOPs "
                         r"\(analytic\)", line), line
-    assert "R" in expected  # the cache reused something, so the FLOPs ratio above is below 1
+    assert "P" in expected or len(expected) < steps  # it saved compute, so the FLOPs ratio above is below 1
     assert "denoising" in result.stderr
 
 

@@ -41,5 +41,15 @@ def test_presets_plan_by_a_users_delta_or_plan_instead_of_their_budget():
         HetCacheConfig.slow(delta=0.2, budget=0.5)
 
 
+def test_presets_are_the_measured_family_and_overrides_win():
+    """Both presets plan FULL and PARTIAL steps only, hold, over at most 3/4 of the solver steps; any field given
+    replaces the family's."""
+    for preset in (HetCacheConfig.slow(), HetCacheConfig.fast()):
+        assert (preset.max_reuse, preset.reuse, preset.max_step_fraction) == (0, "hold", 0.75)
+    assert HetCacheConfig.fast(max_reuse=3, max_step_fraction=None).max_reuse == 3
+    assert HetCacheConfig.fast(max_step_fraction=None).max_step_fraction is None
+    assert HetCacheConfig.slow(delta=0.2).max_reuse == 0
+
+
 def test_no_source_falls_back_to_the_slow_budget():
     assert HetCacheConfig().budget == SLOW_BUDGET and HetCacheConfig(delta=0.0).budget is None

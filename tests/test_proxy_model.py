@@ -50,7 +50,7 @@ def test_hetcache_fast_keeps_the_proxy_quality(proxy):
         plan = hetcache.stats(proxy).plan
     finally:
         hetcache.disable(proxy)
-    assert "R" in plan and "P" in plan  # the cache really skipped work
+    assert "P" in plan and set(plan) <= set("FP")  # PARTIAL steps really skipped work; the presets reuse no step
     assert psnr(fast, full, clip.mask) >= FAST_VS_FULL_FLOOR
     mean_colour = clip.video[~clip.mask].mean(axis=0).round().astype(np.uint8)
     flat = np.where(clip.mask[..., None], mean_colour, clip.video)

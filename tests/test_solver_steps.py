@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -91,6 +92,38 @@ def test_budget_solves_solver_steps_and_letters_jointly(pipe, clip, budget, max_
         letters, _, notes = plan.resolve_plan(pipe.transformer, config, partition, TEXT_LEN, timesteps=timesteps,
                                               num_steps=len(previewed) + 1, requested_steps=STEPS)
         assert notes and "below what the plan guards allow" in notes[0]
+
+
+@pytest.mark.parametrize("budget", [0.45, 0.6])
+def test_max_step_fraction_caps_the_solver_steps_a_budget_chooses(pipe, budget):
+    """With a cap, S' is the largest step count up to the cap whose plan meets the budget. A small box on a wider
+    frame makes PARTIAL steps cheap enough that the uncapped solve takes more steps than the cap allows."""
+    mask = torch.zeros(9, 64, 128)
+    mask[:, 16:32, 32:64] = 1
+    free = HetCacheConfig(budget=budget, max_reuse=0, margin=1, warmup_steps=1)
+    capped = dataclasses.replace(free, max_step_fraction=0.5)
+    unbounded = hetcache.plan_for(pipe, STEPS, free, mask=mask, text_len=TEXT_LEN)
+    letters = hetcache.plan_for(pipe, STEPS, capped, mask=mask, text_len=TEXT_LEN)
+    most = round(STEPS * max(0.5, budget))
+    assert len(unbounded) > most  # the cap binds
+    partition = pixel_partition(capped, mask, (1, 2, 2))
+    costs = plan.step_costs(pipe.transformer, partition, capped, TEXT_LEN)
+    assert plan.plan_cost(letters, **costs) <= budget * STEPS * costs["full_cost"] * (1 + 1e-9)
+    assert len(letters) <= most
+    if len(letters) < most:  # the cap's own step count does not fit the budget
+        longer = dataclasses.replace(capped, step_fraction=most / STEPS, max_step_fraction=None)
+        letters_at_most = hetcache.plan_for(pipe, STEPS, longer, mask=mask, text_len=TEXT_LEN)
+        assert plan.plan_cost(letters_at_most, **costs) > budget * STEPS * costs["full_cost"]
+
+
+def test_a_budget_at_or_above_the_cap_runs_fewer_steps_all_full(pipe, clip):
+    """Budget 0.6 over a cap of 0.4: six solver steps, all FULL, the stock pipeline at six steps bitwise."""
+    config = HetCacheConfig(budget=0.6, max_step_fraction=0.4, max_reuse=0)
+    out, stats = run_with(pipe, clip, config)
+    assert stats.plan == "F" * 6
+    assert torch.equal(out, run(pipe, clip, 6))
+    with pytest.raises(ValueError, match="max_step_fraction"):
+        HetCacheConfig(budget=0.3, max_step_fraction=0.0)
 
 
 def test_step_fraction_plans_over_the_kept_steps(pipe, clip):

@@ -8,11 +8,12 @@ front of PSNR in the mask (per-frame mean against `full`, mean over clips) again
 the configuration chosen for a target: a FLOPs share, a measured speedup, or a fidelity floor in dB.
 
 The search space (`search_points`): for each FLOPs share of a grid, HetCache's budget solved jointly with the
-solver step count S', in two plan families (F/P only: every step recomputes every generative token; F/P/R),
-holding or linearly forecasting what is reused, with the default or lighter PARTIAL steps (fewer margin and
-context rows), plus plain fewer solver steps expressed in HetCache's own terms (all FULL over S' steps), so the
-front is never below running fewer steps. "wide" adds quadratic forecasts and longer PARTIAL runs; "quick" (a
-first look) keeps two shares and the main families.
+solver step count S': the F/P family (every step recomputes every generative token) holding its rows, with S'
+capped at 1/2 or 3/4 of the steps or uncapped (`max_step_fraction`), linearly forecast or with lighter PARTIAL
+steps (fewer margin and context rows) at the 3/4 cap; the F/P/R family as the paper plans it; plus plain fewer
+solver steps in HetCache's own terms (all FULL over S' steps), so the front is never below running fewer steps.
+"wide" adds more caps, quadratic forecasts, forecast F/P/R and longer PARTIAL runs; "quick" (a first look) keeps
+two shares, fewer steps and the F/P family at the 3/4 cap and uncapped.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ SHARES = {"quick": (0.25, 0.5), "standard": (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.
           "wide": (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8)}
 # PARTIAL steps' margin and context shares: the defaults, and lighter steps (more solver steps for the same FLOPs).
 LIGHT_PARTIAL = {"margin_ratio": 0.35, "context_ratio": 0.02}
+# Caps on the solver steps a budget buys (`max_step_fraction`; None: as many as fit): how many more solver steps
+# PARTIAL steps should pay for is what differs most between models.
+CAPS = {"quick": (0.75, None), "standard": (0.5, 0.75, None), "wide": (0.5, 0.6, 0.75, 0.9, None)}
 
 
 @dataclass(frozen=True)
@@ -80,16 +84,18 @@ def search_points(search: str = "standard") -> list[Point]:
     options: list[dict[str, Any]] = []
     for share in SHARES[search]:
         options.append({"delta": 0.0, "budget": None, "step_fraction": share})  # fewer solver steps, all FULL
+        family = {"budget": share, "max_reuse": 0, "reuse": "hold"}  # F/P
+        for cap in CAPS[search]:
+            options.append({**family, "max_step_fraction": cap})
         if search == "quick":
-            options += [{"budget": share, "max_reuse": 0, "reuse": reuse} for reuse in ("hold", "linear")]
-            options.append({"budget": share, "max_reuse": 3, "reuse": "hold"})
             continue
-        for max_reuse in (0, 3):
-            for reuse in ("hold", "linear", *(("quadratic",) if search == "wide" else ())):
-                options.append({"budget": share, "max_reuse": max_reuse, "reuse": reuse})
-            options.append({"budget": share, "max_reuse": max_reuse, "reuse": "hold", **LIGHT_PARTIAL})
+        options.append({**family, "reuse": "linear", "max_step_fraction": 0.75})
+        options.append({**family, **LIGHT_PARTIAL, "max_step_fraction": 0.75})
+        options.append({"budget": share, "max_reuse": 3, "reuse": "hold"})  # F/P/R, as the paper plans
         if search == "wide":
-            options.append({"budget": share, "max_reuse": 0, "reuse": "linear", "refresh_every": 8})
+            options.append({**family, "reuse": "quadratic", "max_step_fraction": 0.75})
+            options.append({"budget": share, "max_reuse": 3, "reuse": "linear"})
+            options.append({**family, "refresh_every": 8, "max_step_fraction": 0.75})
     return list(dict.fromkeys(Point(METHOD, tuple(sorted(o.items()))) for o in options))
 
 

@@ -23,6 +23,10 @@ CACHE_DEVICES = ("auto", "cuda", "cpu")
 # predictable on checkpoints nobody calibrated a threshold for.
 SLOW_BUDGET = 0.42
 FAST_BUDGET = 0.33
+# The plan family of both presets, chosen by measurement (docs/PLANS.md): FULL and PARTIAL steps only (a PARTIAL
+# step recomputes every generative token, a REUSE step none), held rows, and at most three quarters of the solver
+# steps, so a budget buys more solver steps where they pay and FULL steps where more steps no longer do.
+PRESET_FAMILY: dict[str, Any] = {"max_reuse": 0, "reuse": "hold", "max_step_fraction": 0.75}
 # The fields that decide the step plan; a config may set at most one of them.
 PLAN_SOURCES = ("plan", "budget", "delta")
 
@@ -50,6 +54,11 @@ class HetCacheConfig:
     - `step_fraction`: the share of the requested solver steps that run (S' = round(S x step_fraction), at least
       1; the scheduler spreads them over the same noise range); the plan letters apply to those S' steps. None:
       every step, except that a `budget` then solves S' jointly with the letters (the largest S' that meets it).
+    - `max_step_fraction`: caps the S' that a budget solves for at `max(max_step_fraction, budget) x S` (None: no
+      cap). Without a cap the joint solve takes the most steps the budget allows, which fills them with PARTIAL
+      steps; past some step count, more solver steps gain less than what the extra PARTIAL steps lose (docs/PLANS.md
+      measures it), and a budget at or above the cap runs fewer solver steps, all FULL. No effect where
+      `step_fraction`, a `plan` or a `delta` decides.
     - `reuse`: what rows that are not computed at a step read from the caches: "hold" their last computed value,
       "linear" / "quadratic" an extrapolation of their last two / three values in the timestep (REUSE steps'
       residual, and the residual and K/V of the rows a PARTIAL step skips). Each order keeps one more copy of
@@ -92,6 +101,7 @@ class HetCacheConfig:
     kmeans_iters: int = 8
     ema_alpha: float = 0.0
     step_fraction: float | None = None
+    max_step_fraction: float | None = None
     reuse: str = "hold"
     cache_dtype: torch.dtype | None = None
     cache_device: str = "auto"
@@ -138,6 +148,8 @@ class HetCacheConfig:
         if self.cache_dtype is not None and not (isinstance(self.cache_dtype, torch.dtype)
                                                  and self.cache_dtype.is_floating_point):
             raise ValueError(f"cache_dtype must be a floating-point torch dtype, got {self.cache_dtype!r}")
+        if self.max_step_fraction is not None and not 0.0 < self.max_step_fraction <= 1.0:
+            raise ValueError(f"max_step_fraction must be in (0, 1], got {self.max_step_fraction}")
         if self.cache_device not in CACHE_DEVICES:
             raise ValueError(f"cache_device must be one of {', '.join(CACHE_DEVICES)}, got {self.cache_device!r}")
         if not 0.0 < self.host_share <= 1.0:
@@ -149,14 +161,15 @@ class HetCacheConfig:
 
     @classmethod
     def slow(cls, **overrides: Any) -> HetCacheConfig:
-        """HetCache-slow: a plan costing at most 42 % of dense FLOPs. A `delta` or `plan` in `overrides` replaces
-        the budget (slow(delta=0.2) plans by thresholds)."""
+        """HetCache-slow: at most 42 % of dense FLOPs, in the presets' family (`PRESET_FAMILY`: FULL and PARTIAL
+        steps over at most 3/4 of the solver steps). A `delta` or `plan` in `overrides` replaces the budget
+        (slow(delta=0.2) plans by thresholds); any other field overrides the family's."""
         return cls(**_preset(SLOW_BUDGET, overrides))
 
     @classmethod
     def fast(cls, **overrides: Any) -> HetCacheConfig:
-        """HetCache-fast: a plan costing at most 33 % of dense FLOPs. A `delta` or `plan` in `overrides` replaces
-        the budget."""
+        """HetCache-fast: at most 33 % of dense FLOPs, in the presets' family. A `delta` or `plan` in `overrides`
+        replaces the budget."""
         return cls(**_preset(FAST_BUDGET, overrides))
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,7 +206,8 @@ def cache_dtype_named(name: str) -> torch.dtype:
 
 
 def _preset(budget: float, overrides: dict[str, Any]) -> dict[str, Any]:
-    """A preset's options: its budget unless the overrides choose how the plan is decided themselves."""
+    """A preset's options: its family and budget under the overrides, the budget dropped when the overrides choose
+    how the plan is decided themselves."""
     if any(overrides.get(name) is not None for name in PLAN_SOURCES):
-        return {"budget": None, **overrides}
-    return {**overrides, "budget": budget}
+        return {**PRESET_FAMILY, "budget": None, **overrides}
+    return {**PRESET_FAMILY, **overrides, "budget": budget}

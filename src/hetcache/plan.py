@@ -378,9 +378,9 @@ def solver_steps(
     noise range).
 
     `step_fraction` gives it directly (rounded, at least 1). A `budget` without `step_fraction` solves it jointly
-    with the letters: the largest S' whose plan meets the budget (relative to `requested_steps` dense steps);
-    that needs the token counts (`partition`) and the timesteps of any step count (`timesteps_for`). Otherwise
-    every requested step runs.
+    with the letters: the largest S' (at most `max(max_step_fraction, budget) x requested_steps` when capped)
+    whose plan meets the budget (relative to `requested_steps` dense steps); that needs the token counts
+    (`partition`) and the timesteps of any step count (`timesteps_for`). Otherwise every requested step runs.
     """
     if config.step_fraction is not None:
         return max(1, round(requested_steps * config.step_fraction))
@@ -388,7 +388,10 @@ def solver_steps(
         return requested_steps
     if partition is None or timesteps_for is None:
         raise ValueError("a budget plan needs the mask to choose its solver steps: pass mask=")
-    for steps in range(requested_steps, 0, -1):
+    most = requested_steps
+    if config.max_step_fraction is not None:
+        most = max(1, min(requested_steps, round(requested_steps * max(config.max_step_fraction, config.budget))))
+    for steps in range(most, 0, -1):
         _, _, share = _budget_plan(transformer, config, partition, text_len, timesteps_for(steps), requested_steps,
                                    experts)
         if share <= config.budget + 1e-9:
