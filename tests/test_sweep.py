@@ -12,7 +12,7 @@ from tiny_models import demo_clip
 
 from hetcache import sweep
 from hetcache.bench import plan_row
-from hetcache.config import PRESET_FAMILY
+from hetcache.config import PRESET_FAMILY, HetCacheConfig
 from hetcache.errors import UserError
 from hetcache.methods import method_flag
 from hetcache.pipeline import build_tiny_random_pipeline, load_pipeline
@@ -185,6 +185,17 @@ def test_a_second_sweep_reads_the_stored_runs_and_runs_only_new_points(swept, mo
     assert grown["points"][:-1] == results["points"]
     other = run_sweep(pipe, clips()[:1], POINTS[:1], SweepSettings("tiny-random", 4, seed=1), out, show_bar=False)
     assert len(ran) == 4 and other["points"][0]["clips"] == 1  # another seed: full and the point again
+
+
+def test_fields_added_later_stay_out_of_the_key_at_their_default():
+    """Runs stored before `max_step_fraction` existed keep matching configs that leave it at None; a set value is
+    part of the key."""
+    clip = clips()[0]
+    settings = SweepSettings("tiny-random", 4)
+    plain = sweep._key(settings, clip, "hetcache", HetCacheConfig(budget=0.3))
+    capped = sweep._key(settings, clip, "hetcache", HetCacheConfig(budget=0.3, max_step_fraction=0.75))
+    assert "max_step_fraction" not in plain["config"] and capped["config"]["max_step_fraction"] == 0.75
+    assert sweep._digest(plain) != sweep._digest(capped)
 
 
 def test_a_failing_run_is_listed_and_the_rest_go_on(tmp_path, monkeypatch):

@@ -292,12 +292,19 @@ def point_config(point: Point, settings: SweepSettings) -> Any:
     return method_configs([point.method], steps=settings.steps, options=options, compile=settings.compile)[0][1]
 
 
+# Config fields added after sweeps were first stored, with the default that behaves as their absence did.
+LATER_FIELDS: dict[str, Any] = {"max_step_fraction": None}
+
+
 def _key(settings: SweepSettings, clip: SweepClip, method: str, config: Any) -> dict[str, Any]:
     shared = dataclasses.asdict(settings)
     if shared["guidance_2"] is None:  # absent, as in the keys of sweeps stored before it existed
         del shared["guidance_2"]
-    return {"settings": shared, "clip": clip.id, "clip_digest": clip.digest(), "method": method,
-            "config": config.to_dict()}
+    fields = config.to_dict()
+    for name, default in LATER_FIELDS.items():  # absent at their default, as in keys stored before they existed
+        if name in fields and fields[name] == default:
+            del fields[name]
+    return {"settings": shared, "clip": clip.id, "clip_digest": clip.digest(), "method": method, "config": fields}
 
 
 def _digest(key: dict[str, Any]) -> str:
