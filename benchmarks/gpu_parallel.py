@@ -7,8 +7,10 @@ Random bf16 weights (times do not depend on them), 81 frames of 480x832 (21 x 30
 divides the model's heads):
 
 - stock: one warm-up step, then --stock-steps timed steps; the 50-step loop estimated as 50 x the median step.
-- hetcache-fast (`method_config("hetcache-fast", steps=50)`, what `--method hetcache-fast` runs): its 50-step
-  plan; a warm-up video of the plan's first M steps (the shortest prefix with two steps of each kind the plan
+- hetcache-fast's budget (`method_config("hetcache-fast", steps=50)`) planned over all 50 steps with REUSE
+  allowed, so that F, P and R steps all run and are timed (the preset itself plans F and P over the S' solver
+  steps it chooses: its letters and time estimated from the measured kinds are in `preset_plan` and
+  `preset_estimated_s`); a warm-up video of the plan's first M steps (the shortest prefix with two steps of each kind the plan
   has), then the same M steps timed on a new video: median seconds of a step of each kind (F, P, R), and the
   50-step loop estimated from the plan's letters.
 - per rank: peak GPU memory, HetCache cache bytes (text K/V among them), bytes received per call of each kind.
@@ -29,6 +31,7 @@ degree; parts already in --out are kept, so shapes and degrees can run in separa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -53,6 +56,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 import hetcache  # noqa: E402
 from hetcache import parallel, tokens  # noqa: E402
+from hetcache import plan as planning  # noqa: E402
 from hetcache.comm import Collective  # noqa: E402
 from hetcache.errors import UserError  # noqa: E402
 from hetcache.hooks import engine_of  # noqa: E402
@@ -187,8 +191,30 @@ def stock_run(model, inputs, timesteps, steps, device, group, outputs: list) -> 
     return out | communication(group, out["seconds_by_kind"], device)
 
 
-def hetcache_run(model, inputs, timesteps, coverage, device, group, outputs: list) -> dict:
-    config = method_config("hetcache-fast", steps=STEPS)
+def preset_letters(model, config, coverage, text_len: int, timesteps_for) -> str:
+    """The letters a pipeline asked for STEPS steps would run: S' and the plan solved with this run's scheduler (a
+    transformer enabled with fixed timesteps plans over exactly those, so the solve happens here)."""
+    hetcache.enable(model, config, token_mask=coverage)
+    partition = engine_of(model).mask.early_partition(config, tuple(model.config.patch_size))
+    hetcache.disable(model)
+
+    def schedule(steps: int) -> torch.Tensor:
+        return torch.tensor(timesteps_for(steps))
+
+    steps = planning.solver_steps(model, config, STEPS, partition=partition, text_len=text_len, timesteps_for=schedule)
+    letters, _, _ = planning.resolve_plan(model, config, partition, text_len, timesteps=schedule(steps), num_steps=steps,
+                                          requested_steps=STEPS)
+    return letters
+
+
+def hetcache_run(model, inputs, timesteps_for, coverage, device, group, outputs: list) -> dict:
+    """Per-kind step times of an F/P/R plan at the preset's budget over all STEPS steps, and the preset's own plan
+    (F/P over the S' solver steps it chooses) estimated from them."""
+    preset = method_config("hetcache-fast", steps=STEPS)
+    preset_plan = preset_letters(model, preset, coverage, inputs["encoder_hidden_states"].shape[1], timesteps_for)
+    # Timed: the preset's budget over every requested step with REUSE allowed, so that F, P and R all run.
+    config = dataclasses.replace(preset, max_reuse=3, max_step_fraction=None, step_fraction=1.0)
+    timesteps = timesteps_for(STEPS)
     hetcache.enable(model, config, token_mask=coverage, timesteps=torch.tensor(timesteps))
     letters = hetcache.plan_for(model, STEPS)
     measured = prefix_length(letters)
@@ -205,6 +231,7 @@ def hetcache_run(model, inputs, timesteps, coverage, device, group, outputs: lis
     kinds = by_kind(letters[:measured], seconds)
     out = {"plan": letters, "measured_steps": measured, "executed": stats.plan, "step_seconds": seconds,
            "seconds_by_kind": kinds, "estimated_50_step_s": sum(kinds[letter] for letter in letters),
+           "preset_plan": preset_plan, "preset_estimated_s": sum(kinds[letter] for letter in preset_plan),
            "flops_ratio": stats.flops_ratio, "rows": stats.rows, "cache_bytes": stats.cache_bytes,
            "text_kv_bytes": text_kv, "notes": stats.notes, "graphs_captured": graphs, "peak_bytes": peak(device)}
     return out | communication(group, kinds, device)
@@ -282,14 +309,16 @@ def run_degree(shape: dict, size: tuple[int, int, int], degree: int, processes: 
     grid = tokens.latent_grid(size, tuple(shape["patch_size"]))
     inputs = inputs_for(model.config, grid, device, dtype)
     coverage = driving_coverage(grid)
-    timesteps = preview_timesteps(flow_scheduler(default_flow_shift(*size[1:])), STEPS).tolist()
+    scheduler = flow_scheduler(default_flow_shift(*size[1:]))
+    timesteps = preview_timesteps(scheduler, STEPS).tolist()
     out: dict = {"degree": degree, "device": device_name(device), "processes": processes.world}
     if active and not same_weights(model, processes):
         raise RuntimeError("the ranks built different weights: the comparison would mean nothing")
     group = split(model, degree, processes)
     outputs: dict[str, list[torch.Tensor]] = {"stock": [], "hetcache": []}
     runs = {"stock": lambda: stock_run(model, inputs, timesteps, stock_steps, device, group, outputs["stock"]),
-            "hetcache": lambda: hetcache_run(model, inputs, timesteps, coverage, device, group, outputs["hetcache"])}
+            "hetcache": lambda: hetcache_run(model, inputs, lambda n: preview_timesteps(scheduler, n).tolist(), coverage,
+                                              device, group, outputs["hetcache"])}
     for name, run in runs.items():
         try:
             result = run()

@@ -125,6 +125,8 @@ def test_gpu_parallel_smoke_reports_every_degree_and_target(tmp_path):
     assert (one["processes"], two["processes"]) == (1, 2)
     plan = one["hetcache"]["plan"]
     assert len(plan) == 50 and set(plan) == set("FPR") and two["hetcache"]["plan"] == plan
+    preset = one["hetcache"]["preset_plan"]  # the preset's own plan: F and P over its solver steps
+    assert set(preset) <= set("FP") and len(preset) <= 50 and two["hetcache"]["preset_plan"] == preset
     measured = one["hetcache"]["measured_steps"]
     assert all(plan[:measured].count(kind) >= 2 for kind in "FPR") and two["hetcache"]["measured_steps"] == measured
     assert set(two["hetcache"]["seconds_by_kind"]) == set(two["hetcache"]["comm_share"]) == set("FPR")
