@@ -65,7 +65,8 @@ def test_torchrun_edit_writes_what_one_process_writes_from_rank_0_only(tmp_path)
     write_mask_video(rank0 / "mask.mp4", mask, 8.0, lossless=True)
     (tmp_path / "per_rank.py").write_text(PER_RANK_FOLDER)
     args = ["edit", "clip.mp4", "--mask", "mask.mp4", "--prompt", "an empty road", "--model", "tiny-random",
-            "--steps", "12", "--method", "hetcache-fast", "--lossless", "--no-side-by-side"]
+            "--steps", "12", "--method", "hetcache-fast", "--method-option", "hetcache-fast.max_reuse=3", "--lossless",
+            "--no-side-by-side"]  # REUSE allowed, so that every step kind runs under torchrun
 
     two = _run([*_torchrun(2), "per_rank.py", *args, "-o", "two.mp4"], tmp_path)
     os.chdir(rank0)  # pytest's monkeypatch would restore it; the tmp folder is removed with the test's

@@ -34,7 +34,8 @@ GRID = (3, 4, 6)  # 72 tokens: 36 per rank on 2, 18 on 4
 PLAN = "FPRPPRFP"  # FULL, PARTIAL and REUSE, a second selection at step 6
 TIMESTEPS = (950.0, 900.0, 820.0, 700.0, 600.0, 480.0, 300.0, 150.0)
 BRANCHES = ("cond", "uncond")
-STEPS = 12  # hetcache-fast's budget plan at 12 steps has FULL, PARTIAL and REUSE steps
+STEPS = 12  # hetcache-fast's budget in the F/P/R family at 12 steps plans FULL, PARTIAL and REUSE steps
+FPR = {"max_reuse": 3, "max_step_fraction": None}
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available() and "fork" in multiprocessing.get_all_start_methods()),
@@ -137,7 +138,8 @@ def _stock_after_disable() -> dict:
 
 
 def _pipeline(heads: int = 2) -> dict:
-    """hetcache-fast on the tiny-random WanVACEPipeline (CFG, a budget plan, k-means and attention scores)."""
+    """hetcache-fast's budget in the F/P/R family on the tiny-random WanVACEPipeline (CFG, a budget plan, k-means
+    and attention scores)."""
     from tiny_models import demo_clip, with_heads
 
     from hetcache.methods import method_config
@@ -153,7 +155,7 @@ def _pipeline(heads: int = 2) -> dict:
 
     def edit() -> tuple:
         outputs.clear()
-        hetcache.enable(pipe, method_config("hetcache-fast", steps=STEPS))
+        hetcache.enable(pipe, method_config("hetcache-fast", steps=STEPS, **FPR))
         frames = run_edit(pipe, video, mask, "an empty road", steps=STEPS, seed=0).frames
         stats = hetcache.stats(pipe)
         hetcache.disable(pipe)
@@ -162,7 +164,7 @@ def _pipeline(heads: int = 2) -> dict:
     reference_frames, reference, one = edit()
     parallel.enable_context_parallel(pipe.transformer)
     frames, sharded, cp = edit()
-    (estimate, _), = check_fit(pipe, [("hetcache-fast", method_config("hetcache-fast", steps=STEPS))], 9, 64, 128,
+    (estimate, _), = check_fit(pipe, [("hetcache-fast", method_config("hetcache-fast", steps=STEPS, **FPR))], 9, 64, 128,
                                guidance=5.0).values()
     return {"plan": cp.plan, "one_plan": one.plan, "rows": cp.rows, "one_rows": one.rows,
             "cache_bytes": cp.cache_bytes, "one_cache_bytes": one.cache_bytes, "estimate": estimate.total,

@@ -126,6 +126,17 @@ def test_a_budget_at_or_above_the_cap_runs_fewer_steps_all_full(pipe, clip):
         HetCacheConfig(budget=0.3, max_step_fraction=0.0)
 
 
+def test_the_progress_bar_counts_the_solver_steps_that_run(pipe, clip):
+    totals = []
+    original = pipe.progress_bar
+    pipe.progress_bar = lambda iterable=None, total=None: totals.append(total) or original(iterable, total)
+    try:
+        _, stats = run_with(pipe, clip, HetCacheConfig(step_fraction=0.5, delta=0.0))
+    finally:
+        pipe.__dict__.pop("progress_bar", None)
+    assert len(stats.plan) == 5 and totals == [5]
+
+
 def test_step_fraction_plans_over_the_kept_steps(pipe, clip):
     config = HetCacheConfig(step_fraction=0.6, plan=None, budget=0.4, margin=1)
     letters = hetcache.plan_for(pipe, STEPS, config, mask=torch.from_numpy(clip[1]), text_len=TEXT_LEN)

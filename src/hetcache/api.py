@@ -208,16 +208,18 @@ def _timesteps(pipeline: Any, engine: Any, num_steps: int, size: tuple[int, int]
 
 # ------------------------------------------------------------------------------------------------ pipelines
 def _wrap_pipeline(pipeline: Any, engines: list[HetCacheEngine]) -> None:
-    """Wrap three methods of this pipeline instance (each calls the original unchanged) so the engines learn what
+    """Wrap four methods of this pipeline instance (each calls the original unchanged) so the engines learn what
     a `pipe(...)` call does before its first denoising step:
 
     - `check_inputs` (first): the call's mask, from which the solver step count of a budget can be solved;
     - `scheduler.set_timesteps`: runs S' of the S steps asked for (`HetCacheEngine.solver_steps`);
-    - `prepare_masks`: the preprocessed pixel mask and the reference images, which define the partition.
+    - `prepare_masks`: the preprocessed pixel mask and the reference images, which define the partition;
+    - `progress_bar`: counts the S' steps that run, not the S asked for.
     """
-    check_inputs, prepare_masks = pipeline.check_inputs, pipeline.prepare_masks
+    check_inputs, prepare_masks, progress_bar = pipeline.check_inputs, pipeline.prepare_masks, pipeline.progress_bar
     scheduler = pipeline.scheduler
     set_timesteps = scheduler.set_timesteps
+    solver_steps: dict[int, int] = {}  # requested -> run, for the progress bar
 
     def checked(*args: Any, **kwargs: Any) -> Any:
         def argument(name: str) -> Any:
@@ -237,7 +239,11 @@ def _wrap_pipeline(pipeline: Any, engines: list[HetCacheEngine]) -> None:
             requested, num_inference_steps = num_inference_steps, engines[0].solver_steps(num_inference_steps)
             for engine in engines[1:]:
                 engine.requested_steps = requested
+            solver_steps[requested] = num_inference_steps
         return set_timesteps(num_inference_steps, *args, **kwargs)
+
+    def bar(iterable: Any = None, total: int | None = None) -> Any:
+        return progress_bar(iterable=iterable, total=solver_steps.get(total, total))
 
     def masks(mask: torch.Tensor, reference_images: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         references = len(reference_images[0]) if reference_images else 0
@@ -246,13 +252,14 @@ def _wrap_pipeline(pipeline: Any, engines: list[HetCacheEngine]) -> None:
         return prepare_masks(mask, reference_images, *args, **kwargs)
 
     for owner, name, wrapper in ((pipeline, "check_inputs", checked), (scheduler, "set_timesteps", timesteps),
-                                 (pipeline, "prepare_masks", masks)):
+                                 (pipeline, "prepare_masks", masks), (pipeline, "progress_bar", bar)):
         setattr(wrapper, _WRAPPER_FLAG, True)
         setattr(owner, name, wrapper)
 
 
 def _unwrap_pipeline(pipeline: Any) -> None:
-    for owner, name in ((pipeline, "check_inputs"), (pipeline.scheduler, "set_timesteps"), (pipeline, "prepare_masks")):
+    for owner, name in ((pipeline, "check_inputs"), (pipeline.scheduler, "set_timesteps"), (pipeline, "prepare_masks"),
+                        (pipeline, "progress_bar")):
         if getattr(owner.__dict__.get(name), _WRAPPER_FLAG, False):
             del owner.__dict__[name]
 

@@ -76,8 +76,8 @@ RUNS_DIR = "runs"
 DEFAULT_METHODS = ("fewer-steps", "hetcache", "teacache", "pab", "adacache", "fastcache-style", "diffusers-fbc",
                    "diffusers-magcache", "cache-dit")
 # Each method's own knob, over values that span about 0.15-0.75 of dense FLOPs where the method can (measured on
-# the proxy at 20 steps on the driving clip, docs/BENCHMARKS.md). HetCache's plan guards keep it at or above about
-# 0.3 for now: its lowest budget ends at that floor (with a note). PAB only skips attention (above about 0.38);
+# the proxy at 20 steps on the driving clip, docs/BENCHMARKS.md). HetCache: budgets in the presets' family, which
+# buy fewer solver steps where PARTIAL steps cannot go lower (docs/PLANS.md). PAB only skips attention (above 0.38);
 # diffusers' FirstBlockCache and MagCache run the VACE blocks every step (above about 0.5).
 DEFAULT_GRIDS: dict[str, tuple[dict[str, Any], ...]] = {
     "fewer-steps": tuple({"steps_fraction": f} for f in (0.15, 0.25, 0.35, 0.5, 0.75)),
