@@ -81,7 +81,7 @@ DEFAULT_METHODS = ("fewer-steps", "hetcache", "teacache", "pab", "adacache", "fa
 # diffusers' FirstBlockCache and MagCache run the VACE blocks every step (above about 0.5).
 DEFAULT_GRIDS: dict[str, tuple[dict[str, Any], ...]] = {
     "fewer-steps": tuple({"steps_fraction": f} for f in (0.15, 0.25, 0.35, 0.5, 0.75)),
-    "hetcache": tuple({"budget": b, **PRESET_FAMILY} for b in (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)),
+    "hetcache": tuple({"budget": b, **PRESET_FAMILY} for b in (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7)),
     "teacache": tuple({"delta": d} for d in (0.04, 0.06, 0.1, 0.2, 1.0)),
     "pab": tuple({"self_attention_range": s, "cross_attention_range": 3 * s, "timestep_window": w}
                  for s, w in ((2, (100.0, 800.0)), (2, (0.0, 1000.0)), (4, (0.0, 1000.0)), (20, (0.0, 1000.0)))),
