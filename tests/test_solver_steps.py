@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import hetcache
 from hetcache import plan
 from hetcache.config import HetCacheConfig
 from hetcache.methods import inference_steps, method_config
-from hetcache.pipeline import build_tiny_random_pipeline
+from hetcache.pipeline import build_tiny_random_pipeline, run_edit
 from hetcache.session import pixel_partition
 
 STEPS = 10
@@ -104,7 +105,7 @@ def test_max_step_fraction_caps_the_solver_steps_a_budget_chooses(pipe, budget):
     capped = dataclasses.replace(free, max_step_fraction=0.5)
     unbounded = hetcache.plan_for(pipe, STEPS, free, mask=mask, text_len=TEXT_LEN)
     letters = hetcache.plan_for(pipe, STEPS, capped, mask=mask, text_len=TEXT_LEN)
-    most = round(STEPS * max(0.5, budget))
+    most = math.floor(STEPS * max(0.5, budget) + 1e-9)
     assert len(unbounded) > most  # the cap binds
     partition = pixel_partition(capped, mask, (1, 2, 2))
     costs = plan.step_costs(pipe.transformer, partition, capped, TEXT_LEN)
@@ -135,6 +136,16 @@ def test_the_progress_bar_counts_the_solver_steps_that_run(pipe, clip):
     finally:
         pipe.__dict__.pop("progress_bar", None)
     assert len(stats.plan) == 5 and totals == [5]
+
+
+def test_run_edit_reports_progress_out_of_the_steps_that_run(pipe, clip):
+    calls = []
+    hetcache.enable(pipe, HetCacheConfig(step_fraction=0.5, delta=0.0))
+    try:
+        run_edit(pipe, *clip, "an empty road", steps=STEPS, progress=lambda done, total: calls.append((done, total)))
+    finally:
+        hetcache.disable(pipe)
+    assert calls == [(step, 5) for step in range(1, 6)]
 
 
 def test_step_fraction_plans_over_the_kept_steps(pipe, clip):

@@ -320,7 +320,14 @@ def method_config(name: str, options: dict[str, dict[str, Any]] | None = None, s
 def step_bar(description: str, total: int) -> Iterator[Callable[[int, int], None]]:
     """A tqdm bar on stderr, and the `progress(done, total)` callback that `run_edit` drives it with."""
     with tqdm(total=total, desc=description, unit="step", file=sys.stderr) as bar:
-        yield lambda done, _: bar.update(done - bar.n)
+
+        def progress(done: int, steps: int) -> None:
+            if bar.total != steps:  # the solver steps that run, once the pipeline knows them
+                bar.total = steps
+                bar.refresh()
+            bar.update(done - bar.n)
+
+        yield progress
 
 
 def run_request(request: EditRequest) -> None:
@@ -671,7 +678,7 @@ def plan(
     steps: StepsOpt = 50,
     methods: MethodsOpt = BENCH_METHODS,
     delta: Annotated[
-        float | None, typer.Option(help="Threshold of the HetCache presets (instead of their own).")
+        float | None, typer.Option(help="Threshold of the HetCache presets (instead of planning from their budgets).")
     ] = None,
     budget: Annotated[
         float | None, typer.Option(help="FLOPs budget of the HetCache presets, a fraction of dense in (0, 1].")

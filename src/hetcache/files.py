@@ -15,7 +15,6 @@ import contextlib
 import errno
 import os
 import re
-import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -88,13 +87,6 @@ def save_figure(figure: Any, path: str | os.PathLike, **kwargs: Any) -> None:
     """Save a matplotlib figure as PNG atomically (`kwargs` go to `savefig`)."""
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png", **kwargs)
-
-
-def copy_file(source: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Copy `source` to `path` atomically (contents only)."""
-    with atomic_path(path) as temp:
-        shutil.copyfile(source, temp)
-    return Path(path)
 
 
 # ------------------------------------------------------------------------------------------------ leftovers

@@ -44,11 +44,6 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.kv_bytes + self.residual_bytes + self.text_kv_bytes + self.times_bytes
 
-    @property
-    def per_layer_kv(self) -> int:
-        """K/V bytes of one layer (all branches): what the host tier moves per layer."""
-        return self.kv_bytes // max(self.layers, 1)
-
     def describe(self) -> str:
         share = f", per process of {self.shards}" if self.shards > 1 else ""
         return (f"cache {self.total / _GIB:.2f} GiB ({self.kv_bytes / _GIB:.2f} GiB K/V of {self.layers} layers x "

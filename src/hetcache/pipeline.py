@@ -537,8 +537,8 @@ def run_edit(
         marks["denoise_end"] = time.perf_counter()
         if not bool(torch.isfinite(tensors["latents"]).all()):
             raise UserError(non_finite_message(f"the latents after step {step + 1} of {steps}"))
-        if progress is not None:
-            progress(step + 1, steps)
+        if progress is not None:  # out of the solver steps that run (a HetCache plan may run fewer than asked)
+            progress(step + 1, len(pipeline.scheduler.timesteps))
         return {}
 
     if hide_masked:

@@ -390,7 +390,8 @@ def solver_steps(
         raise ValueError("a budget plan needs the mask to choose its solver steps: pass mask=")
     most = requested_steps
     if config.max_step_fraction is not None:
-        most = max(1, min(requested_steps, round(requested_steps * max(config.max_step_fraction, config.budget))))
+        most = max(1, min(requested_steps, math.floor(requested_steps * max(config.max_step_fraction, config.budget)
+                                                      + 1e-9)))
     for steps in range(most, 0, -1):
         _, _, share = _budget_plan(transformer, config, partition, text_len, timesteps_for(steps), requested_steps,
                                    experts)

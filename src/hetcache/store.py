@@ -240,13 +240,6 @@ class CacheStore:
         if kv.slot >= 0:
             self.host.release(kv.slot, (kind, layer), cache.layer(kind, layer).buffers())
 
-    def device_nbytes(self, caches: list[BranchCache]) -> int:
-        """Bytes of every branch's buffers on the compute device (host layers' K/V count only as the working
-        buffers)."""
-        on_host = self.host.on_host if self.host is not None else set()
-        total = sum(c.nbytes() - sum(kv.nbytes() for key, kv in c.kv.items() if key in on_host) for c in caches)
-        return total + (self.host.nbytes() if self.host is not None else 0)
-
     def text_kv(self, cache: BranchCache, kind: str, layer: int, attn: torch.nn.Module,
                 text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cross-attention K/V of `text` for one layer, made at the layer's first use (at every use with the host
