@@ -1,8 +1,9 @@
 """Public entry points: enable / disable HetCache on a WanVACEPipeline or its transformer, read stats, preview plans.
 
-With a pipeline, nothing else is needed: `enable` wraps three methods of the pipeline instance (`_wrap_pipeline`)
-so the mask of every `pipe(video=..., mask=...)` call reaches the engine and the scheduler runs the plan's solver
-steps (the wrappers call the originals unchanged), and the step index comes from `pipe.scheduler.timesteps`.
+With a pipeline, nothing else is needed: `enable` wraps four methods of the pipeline instance (`_wrap_pipeline`)
+so the mask of every `pipe(video=..., mask=...)` call reaches the engine, the scheduler runs the plan's solver
+steps and the progress bar counts them (the wrappers call the originals, the last two with S' in place of S), and
+the step index comes from `pipe.scheduler.timesteps`.
 Calling the transformer directly takes the mask from `enable(..., mask=...)` or `set_mask`, and the steps from
 `timesteps=` (or counts calls per branch).
 """
@@ -208,8 +209,9 @@ def _timesteps(pipeline: Any, engine: Any, num_steps: int, size: tuple[int, int]
 
 # ------------------------------------------------------------------------------------------------ pipelines
 def _wrap_pipeline(pipeline: Any, engines: list[HetCacheEngine]) -> None:
-    """Wrap four methods of this pipeline instance (each calls the original unchanged) so the engines learn what
-    a `pipe(...)` call does before its first denoising step:
+    """Wrap four methods of this pipeline instance (each calls the original: `check_inputs` and `prepare_masks`
+    with their arguments unchanged, `scheduler.set_timesteps` and `progress_bar` with S' in place of S) so the
+    engines learn what a `pipe(...)` call does before its first denoising step:
 
     - `check_inputs` (first): the call's mask, from which the solver step count of a budget can be solved;
     - `scheduler.set_timesteps`: runs S' of the S steps asked for (`HetCacheEngine.solver_steps`);

@@ -10,10 +10,10 @@ the configuration chosen for a target: a FLOPs share, a measured speedup, or a f
 The search space (`search_points`): for each FLOPs share of a grid, HetCache's budget solved jointly with the
 solver step count S': the F/P family (every step recomputes every generative token) holding its rows, with S'
 capped at 1/2 or 3/4 of the steps or uncapped (`max_step_fraction`), linearly forecast or with lighter PARTIAL
-steps (fewer margin and context rows) at the 3/4 cap; the F/P/R family as the paper plans it; plus plain fewer
-solver steps in HetCache's own terms (all FULL over S' steps), so the front is never below running fewer steps.
-"wide" adds more caps, quadratic forecasts, forecast F/P/R and longer PARTIAL runs; "quick" (a first look) keeps
-two shares, fewer steps and the F/P family at the 3/4 cap and uncapped.
+steps (fewer margin and context rows) at the 3/4 cap; the F/P/R family (`max_reuse=3`, hold, S' solved with the
+budget, uncapped); plus plain fewer solver steps in HetCache's own terms (all FULL over S' steps), so the front is
+never below running fewer steps. "wide" adds more caps, quadratic forecasts, forecast F/P/R and longer PARTIAL
+runs; "quick" (a first look) keeps two shares, fewer steps and the F/P family at the 3/4 cap and uncapped.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def search_points(search: str = "standard") -> list[Point]:
             continue
         options.append({**family, "reuse": "linear", "max_step_fraction": 0.75})
         options.append({**family, **LIGHT_PARTIAL, "max_step_fraction": 0.75})
-        options.append({"budget": share, "max_reuse": 3, "reuse": "hold"})  # F/P/R, as the paper plans
+        options.append({"budget": share, "max_reuse": 3, "reuse": "hold"})  # F/P/R, S' solved with the budget
         if search == "wide":
             options.append({**family, "reuse": "quadratic", "max_step_fraction": 0.75})
             options.append({"budget": share, "max_reuse": 3, "reuse": "linear"})

@@ -76,8 +76,9 @@ RUNS_DIR = "runs"
 DEFAULT_METHODS = ("fewer-steps", "hetcache", "teacache", "pab", "adacache", "fastcache-style", "diffusers-fbc",
                    "diffusers-magcache", "cache-dit")
 # Each method's own knob, over values that span about 0.15-0.75 of dense FLOPs where the method can (measured on
-# the proxy at 20 steps on the driving clip, docs/BENCHMARKS.md). HetCache: budgets in the presets' family, which
-# buy fewer solver steps where PARTIAL steps cannot go lower (docs/PLANS.md). PAB only skips attention (above 0.38);
+# the proxy at 20 steps on the driving clip, docs/BENCHMARKS.md; HetCache's shares on four clips in
+# docs/sweep/four_clips_results.md and docs/PLANS.md). HetCache: budgets in the presets' family, which buy fewer
+# solver steps where PARTIAL steps cannot go lower (docs/PLANS.md). PAB only skips attention (above 0.38);
 # diffusers' FirstBlockCache and MagCache run the VACE blocks every step (above about 0.5).
 DEFAULT_GRIDS: dict[str, tuple[dict[str, Any], ...]] = {
     "fewer-steps": tuple({"steps_fraction": f} for f in (0.15, 0.25, 0.35, 0.5, 0.75)),
@@ -292,7 +293,9 @@ def point_config(point: Point, settings: SweepSettings) -> Any:
     return method_configs([point.method], steps=settings.steps, options=options, compile=settings.compile)[0][1]
 
 
-# Config fields added after sweeps were first stored, with the default that behaves as their absence did.
+# Config fields added later, with the default that behaves as their absence did: left out of a run's key at that
+# default, so sweeps stored before `max_step_fraction` existed keep matching (fields added before it, such as
+# step_fraction or reuse, are in every key since; runs stored before them rerun).
 LATER_FIELDS: dict[str, Any] = {"max_step_fraction": None}
 
 
