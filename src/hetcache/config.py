@@ -54,7 +54,7 @@ class HetCacheConfig:
     - `step_fraction`: the share of the requested solver steps that run (S' = round(S x step_fraction), at least
       1; the scheduler spreads them over the same noise range); the plan letters apply to those S' steps. None:
       every step, except that a `budget` then solves S' jointly with the letters (the largest S' that meets it).
-    - `max_step_fraction`: caps the S' that a budget solves for at `max(max_step_fraction, budget) x S` (None: no
+    - `max_step_fraction`: caps the S' that a budget solves for at floor(max(max_step_fraction, budget) x S) (None: no
       cap). Without a cap the joint solve takes the most steps the budget allows, which fills them with PARTIAL
       steps; past some step count, more solver steps gain less than what the extra PARTIAL steps lose (docs/PLANS.md
       measures it), and a budget at or above the cap runs fewer solver steps, all FULL. No effect where
