@@ -69,8 +69,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def video(model, inputs: dict, timesteps: list[float], device: torch.device) -> list[float]:
-    """One denoising loop with CFG; the seconds of each step (both branches)."""
+def video(model, inputs: dict, timesteps: list[float], device: torch.device,
+          keep: list[torch.Tensor] | None = None) -> list[float]:
+    """One denoising loop with CFG; the seconds of each step (both branches); the cond outputs appended to `keep`
+    (copied to the CPU after the step's time is taken)."""
     uncond = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].flip(1))
     latents = inputs["hidden_states"].clone()
     seconds = []
@@ -85,6 +87,8 @@ def video(model, inputs: dict, timesteps: list[float], device: torch.device) -> 
         latents = latents - 0.02 * (negative + 5.0 * (cond - negative))
         sync(device)
         seconds.append(time.perf_counter() - begin)
+        if keep is not None:
+            keep.append(cond.cpu())
     return seconds
 
 

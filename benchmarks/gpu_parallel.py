@@ -50,7 +50,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gpu_memory import WAN_14B, build, inputs_for, sync  # noqa: E402
+from gpu_memory import WAN_14B, build, inputs_for, sync, video  # noqa: E402
 from gpu_transformer import TINY, WAN_1_3B, driving_coverage  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
@@ -132,29 +132,6 @@ def same_weights(model: torch.nn.Module, processes: Processes) -> bool:
 
 
 # -------------------------------------------------------------------------------------------------- runs
-def denoise(model, inputs: dict, timesteps: list[float], device: torch.device,
-            keep: list[torch.Tensor] | None = None) -> list[float]:
-    """One denoising loop with CFG; the seconds of each step; the cond outputs appended to `keep` (copied to the
-    CPU after the step's time is taken)."""
-    uncond = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].flip(1))
-    latents = inputs["hidden_states"].clone()
-    seconds = []
-    for t in timesteps:
-        sync(device)
-        begin = time.perf_counter()
-        step = torch.tensor([t], device=device)
-        with model.cache_context("cond"):
-            cond = model(timestep=step, return_dict=False, **dict(inputs, hidden_states=latents))[0]
-        with model.cache_context("uncond"):
-            negative = model(timestep=step, return_dict=False, **dict(uncond, hidden_states=latents))[0]
-        latents = latents - 0.02 * (negative + 5.0 * (cond - negative))
-        sync(device)
-        seconds.append(time.perf_counter() - begin)
-        if keep is not None:
-            keep.append(cond.cpu())
-    return seconds
-
-
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -180,11 +157,11 @@ def by_kind(letters: str, seconds: list[float]) -> dict[str, float]:
 
 
 def stock_run(model, inputs, timesteps, steps, device, group, outputs: list) -> dict:
-    denoise(model, inputs, timesteps[:1], device)  # warm-up: kernels, NCCL communicators
+    video(model, inputs, timesteps[:1], device)  # warm-up: kernels, NCCL communicators
     if group is not None:
         group.ledger.reset()
     reset_peak(device)
-    seconds = denoise(model, inputs, timesteps[:steps], device, outputs)
+    seconds = video(model, inputs, timesteps[:steps], device, outputs)
     step = statistics.median(seconds)
     out = {"step_seconds": seconds, "seconds_by_kind": {"F": step}, "estimated_50_step_s": STEPS * step,
            "peak_bytes": peak(device)}
@@ -218,12 +195,12 @@ def hetcache_run(model, inputs, timesteps_for, coverage, device, group, outputs:
     hetcache.enable(model, config, token_mask=coverage, timesteps=torch.tensor(timesteps))
     letters = hetcache.plan_for(model, STEPS)
     measured = prefix_length(letters)
-    denoise(model, inputs, timesteps[:measured], device)  # warm-up video: allocations, graphs, host pinning
+    video(model, inputs, timesteps[:measured], device)  # warm-up video: allocations, graphs, host pinning
     hetcache.reset(model)
     if group is not None:
         group.ledger.reset()
     reset_peak(device)
-    seconds = denoise(model, inputs, timesteps[:measured], device, outputs)
+    seconds = video(model, inputs, timesteps[:measured], device, outputs)
     stats = hetcache.stats(model)
     text_kv = group.ledger.text_kv_bytes if group is not None else text_kv_bytes(model)
     graphs = len(engine_of(model).graphs or ())

@@ -221,7 +221,7 @@ SCENARIOS = {
 }
 
 
-def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _rank_main(rank: int, world_size: int, port: int, out_dir: str, scenarios: dict) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -229,31 +229,33 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     info = parallel.init_process_group("cpu", timeout=timedelta(seconds=60))
     results = {"rank": info.rank, "world_size": info.world_size, "main": parallel.is_main_process()}
-    for name, scenario in SCENARIOS[world_size].items():
+    for name, scenario in scenarios.items():
         results[name] = scenario()
     dist.barrier()  # rank 0 hosts the store: it must not leave while others still set up groups with it
     dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def _run_ranks(world_size: int, out_dir: Path) -> list[dict]:
+def run_ranks(scenarios: dict, world_size: int, out_dir: Path) -> list[dict]:
+    """Every rank's results of `scenarios` ({name: callable returning JSON-ready data}) in `world_size` forked
+    processes joined over gloo, in rank order."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     torch.multiprocessing.start_processes(
-        _rank_main, args=(world_size, port, str(out_dir)), nprocs=world_size, start_method="fork"
+        _rank_main, args=(world_size, port, str(out_dir), scenarios), nprocs=world_size, start_method="fork"
     )
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world_size)]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
-    return _run_ranks(2, tmp_path_factory.mktemp("cp2"))
+    return run_ranks(SCENARIOS[2], 2, tmp_path_factory.mktemp("cp2"))
 
 
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory) -> list[dict]:
-    return _run_ranks(4, tmp_path_factory.mktemp("cp4"))
+    return run_ranks(SCENARIOS[4], 4, tmp_path_factory.mktemp("cp4"))
 
 
 # ---------------------------------------------------------------------------------------------------- tests

@@ -12,17 +12,12 @@ over 4 processes, 1.1e-6 on the outputs and 1 level on the frames; docs/PARALLEL
 
 from __future__ import annotations
 
-import json
 import multiprocessing
-import os
-import socket
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from test_parallel import FRAME_TOLERANCE, TOLERANCE
+from test_parallel import FRAME_TOLERANCE, TOLERANCE, run_ranks
 from tiny_models import box_mask, tiny_inputs, tiny_transformer
 
 import hetcache
@@ -195,37 +190,14 @@ SCENARIOS = {
 }
 
 
-def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    parallel.init_process_group("cpu", timeout=timedelta(seconds=60))
-    results = {name: scenario() for name, scenario in SCENARIOS[world_size].items()}
-    dist.barrier()
-    dist.destroy_process_group()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-
-
-def _run_ranks(world_size: int, out_dir: Path) -> list[dict]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.start_processes(
-        _rank_main, args=(world_size, port, str(out_dir)), nprocs=world_size, start_method="fork"
-    )
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world_size)]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
-    return _run_ranks(2, tmp_path_factory.mktemp("hc2"))
+    return run_ranks(SCENARIOS[2], 2, tmp_path_factory.mktemp("hc2"))
 
 
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory) -> list[dict]:
-    return _run_ranks(4, tmp_path_factory.mktemp("hc4"))
+    return run_ranks(SCENARIOS[4], 4, tmp_path_factory.mktemp("hc4"))
 
 
 def _ranks(world_size, two_ranks, four_ranks) -> list[dict]:

@@ -247,7 +247,7 @@ def calibrate_main(source: Path | str | None, mask: Path | str | None, box: str 
                    device: str = "auto", dtype: str = "auto", limit: int | None = None) -> dict[str, Any]:
     """`hetcache calibrate`: check the arguments, load clips and model, search, print the front and the choice."""
     from hetcache.pipeline import load_pipeline, resolve_device, resolve_dtype
-    from hetcache.sweep import load_clips
+    from hetcache.sweep import load_clips, prepare_output
 
     goal = Target.parse(target)
     search_points(search)
@@ -260,10 +260,7 @@ def calibrate_main(source: Path | str | None, mask: Path | str | None, box: str 
         clips, notes = default_clips(model)
     else:
         clips, notes = load_clips(source, mask, box, prompt, model, layout, frames, height, width, limit)
-    files.check_output_folder(out, OUTPUT_FILES, {"input video": source if mask or box else None, "mask": mask})
-    notes.append(files.removed_note(files.remove_stale(out, recursive=True), out))
-    for note in filter(None, notes):
-        tqdm.write(f"note: {note}", file=sys.stderr)
+    prepare_output(out, OUTPUT_FILES, source, mask, box, notes)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     _, first_height, first_width = clips[0].mask.shape

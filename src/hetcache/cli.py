@@ -147,6 +147,13 @@ Guidance2Opt = Annotated[
 MethodsOpt = Annotated[str, typer.Option(help=METHODS_HELP)]
 NegativeOpt = Annotated[str, typer.Option(help="What to steer away from.")]
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="What the masked region should show.")]
+DatasetPromptOpt = Annotated[
+    str | None,
+    typer.Option("--prompt", "-p", help="What the masked region should show; for a dataset, the prompt of items "
+                 "without one."),
+]
+LayoutOpt = Annotated[str, typer.Option(help="Dataset layout: folder, vace-benchmark or vpbench.")]
+ModelStepsOpt = Annotated[int | None, typer.Option(min=1, help="Denoising steps; default 50, or 20 for the proxy.")]
 FramesOpt = Annotated[
     int | None, typer.Option(help="Frames to edit (4k+1); default as many as fit, up to 81 (17 for the proxy).")
 ]
@@ -484,9 +491,7 @@ def edit(
     box: BoxOpt = None,
     negative_prompt: NegativeOpt = "",
     model: ModelOpt = DEFAULT_MODEL,
-    steps: Annotated[
-        int | None, typer.Option(min=1, help="Denoising steps; default 50, or 20 for the proxy.")
-    ] = None,
+    steps: ModelStepsOpt = None,
     frames: FramesOpt = None,
     stride: Annotated[int, typer.Option(min=1, help="Take every stride-th source frame.")] = 1,
     height: HeightOpt = None,
@@ -723,12 +728,8 @@ def sweep(
     out: Annotated[Path, typer.Option(help="Folder for results.json/.csv/.md, pareto.png and runs/ (resumable).")],
     mask: MaskOpt = None,
     box: BoxOpt = None,
-    prompt: Annotated[
-        str | None,
-        typer.Option("--prompt", "-p", help="What the masked region should show; for a dataset, the prompt of "
-                     "items without one."),
-    ] = None,
-    layout: Annotated[str, typer.Option(help="Dataset layout: folder, vace-benchmark or vpbench.")] = "folder",
+    prompt: DatasetPromptOpt = None,
+    layout: LayoutOpt = "folder",
     methods: Annotated[
         str, typer.Option(help="Comma-separated methods to sweep (full runs once per clip as the reference).")
     ] = SWEEP_METHODS,
@@ -740,7 +741,7 @@ def sweep(
     method_option: MethodOptionOpt = None,
     negative_prompt: NegativeOpt = "",
     model: ModelOpt = DEFAULT_MODEL,
-    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps; default 50, or 20 for the proxy.")] = None,
+    steps: ModelStepsOpt = None,
     frames: FramesOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
@@ -794,15 +795,11 @@ def calibrate(
     search: Annotated[str, typer.Option(help="How many configurations: quick, standard or wide.")] = "standard",
     mask: MaskOpt = None,
     box: BoxOpt = None,
-    prompt: Annotated[
-        str | None,
-        typer.Option("--prompt", "-p", help="What the masked region should show; for a dataset, the prompt of "
-                     "items without one."),
-    ] = None,
-    layout: Annotated[str, typer.Option(help="Dataset layout: folder, vace-benchmark or vpbench.")] = "folder",
+    prompt: DatasetPromptOpt = None,
+    layout: LayoutOpt = "folder",
     negative_prompt: NegativeOpt = "",
     model: ModelOpt = DEFAULT_MODEL,
-    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps; default 50, or 20 for the proxy.")] = None,
+    steps: ModelStepsOpt = None,
     frames: FramesOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,

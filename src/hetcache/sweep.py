@@ -647,6 +647,15 @@ def load_clips(source: Path | str, mask: Path | str | None, box: str | None, pro
     return clips, notes
 
 
+def prepare_output(out: Path, names: Sequence[str], source: Any, mask: Any, box: Any, notes: list[str | None]) -> None:
+    """Before any model loads: `out` can take `names` without replacing an input, leftovers of killed runs are
+    removed, and the notes so far are printed."""
+    files.check_output_folder(out, names, {"input video": source if mask or box else None, "mask": mask})
+    notes.append(files.removed_note(files.remove_stale(out, recursive=True), out))
+    for note in filter(None, notes):
+        tqdm.write(f"note: {note}", file=sys.stderr)
+
+
 def sweep_main(
     source: Path | str,
     mask: Path | str | None,
@@ -691,10 +700,7 @@ def sweep_main(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     clips, notes = load_clips(source, mask, box, prompt, model, layout, frames, height, width, limit)
-    files.check_output_folder(out, RESULT_FILES, {"input video": source if mask or box else None, "mask": mask})
-    notes.append(files.removed_note(files.remove_stale(out, recursive=True), out))
-    for note in filter(None, notes):
-        tqdm.write(f"note: {note}", file=sys.stderr)
+    prepare_output(out, RESULT_FILES, source, mask, box, notes)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     _, first_height, first_width = clips[0].mask.shape
